@@ -1,0 +1,11 @@
+//! promgate wire contracts: remote_write 1.0/2.0 messages, content negotiation, and the
+//! pure, in-place decoder. No I/O and no runtime here, so everything can be unit-tested,
+//! fuzzed and benchmarked anywhere.
+pub mod batch;
+pub mod decode;
+pub mod messages;
+pub mod remote_write;
+pub mod wire;
+
+pub use batch::{Batch, Decoded, Protocol};
+pub use decode::{decode, DecodeError, Limits, Reject, RejectCounts};
