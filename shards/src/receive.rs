@@ -1,0 +1,558 @@
+//! receive: the per-shard HTTP/1.1 server that takes remote_write requests.
+//!
+//! One task per connection, pinned to the shard that accepted it. The chain for a
+//! write is one screen long (see [`Conn::write`]): check headers (415 before the body
+//! is touched) → read the body within its cap (413) → [`remote_write::decompress`]
+//! (declared length checked first) → [`decode`] → [`Sink::write`] → answer. Every
+//! buffer (input, decompressed body, batch arrays, output) belongs to the connection
+//! and is reused for its next request, so steady-state requests allocate nothing.
+//! A bad request gets its status and the connection keeps serving; only framing
+//! errors (where the next request's start is unknown) close it.
+
+use crate::http::{self, Chunked, ChunkedError, Head, Method};
+use crate::metrics::ShardMetrics;
+use crate::sink::{Sink, SinkError};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use promgate_proto::remote_write::{self, RequestError};
+use promgate_proto::{decode, Batch, Decoded, Limits, Protocol, RejectCounts};
+use std::cell::Cell;
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The receive path's settings; every limit is named with its unit.
+#[derive(Clone, Debug)]
+pub struct ReceiveConfig {
+    pub connections_per_shard_max: usize,
+    pub header_bytes_max: usize,
+    /// Largest compressed body accepted (413 above).
+    pub body_bytes_max: usize,
+    /// Largest decompressed body accepted, checked against the snappy header (413).
+    pub decoded_bytes_max: usize,
+    /// A refused body up to this size is read and dropped so the connection survives;
+    /// above it the connection is closed after the answer.
+    pub drain_bytes_max: usize,
+    pub idle_timeout_ms: u64,
+    pub read_timeout_ms: u64,
+    pub write_timeout_ms: u64,
+    /// `Retry-After` sent with 503 when the sink reports a failure without a hint.
+    pub retry_after_s: u32,
+    pub limits: Limits,
+}
+
+impl Default for ReceiveConfig {
+    fn default() -> Self {
+        ReceiveConfig {
+            connections_per_shard_max: 1024,
+            header_bytes_max: 16 * 1024,
+            body_bytes_max: 16 << 20,
+            decoded_bytes_max: 64 << 20,
+            drain_bytes_max: 64 << 20,
+            idle_timeout_ms: 300_000,
+            read_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            retry_after_s: 5,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// What every connection task of a shard shares (all single-threaded but `metrics`).
+pub struct ShardContext<S> {
+    pub id: usize,
+    pub config: ReceiveConfig,
+    pub metrics: Arc<Vec<ShardMetrics>>,
+    pub ready: Arc<AtomicBool>,
+    pub sink: S,
+    open: Cell<usize>,
+}
+
+impl<S> ShardContext<S> {
+    pub fn new(id: usize, config: ReceiveConfig, metrics: Arc<Vec<ShardMetrics>>, ready: Arc<AtomicBool>, sink: S) -> Self {
+        ShardContext {
+            id,
+            config,
+            metrics,
+            ready,
+            sink,
+            open: Cell::new(0),
+        }
+    }
+
+    fn metrics(&self) -> &ShardMetrics {
+        &self.metrics[self.id]
+    }
+}
+
+/// Accepts connections forever, one task each.
+pub async fn serve<S: Sink + 'static>(listener: TcpListener, ctx: Rc<ShardContext<S>>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off briefly rather than spin.
+                tracing::warn!(shard = ctx.id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let m = ctx.metrics();
+        if ctx.open.get() >= ctx.config.connections_per_shard_max {
+            m.connections_rejected.fetch_add(1, Relaxed);
+            glommio::spawn_local(refuse(stream, ctx.config.retry_after_s)).detach();
+            continue;
+        }
+        ctx.open.set(ctx.open.get() + 1);
+        m.connections_total.fetch_add(1, Relaxed);
+        m.connections_open.fetch_add(1, Relaxed);
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            let _ = stream.set_nodelay(true);
+            let mut conn = Conn::new(stream, ctx.clone());
+            if let Err(e) = conn.run().await {
+                tracing::debug!(shard = ctx.id, error = %e, "connection ended");
+            }
+            ctx.open.set(ctx.open.get() - 1);
+            ctx.metrics().connections_open.fetch_sub(1, Relaxed);
+        })
+        .detach();
+    }
+}
+
+async fn refuse(mut stream: TcpStream, retry_after_s: u32) {
+    let mut out = Vec::new();
+    let retry = retry_after_s.to_string();
+    http::write_response(&mut out, 503, &[("Retry-After", &retry)], "text/plain; charset=utf-8", b"too many connections on this shard\n", true);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = stream.write_all(&out).await;
+}
+
+enum Route {
+    Write,
+    Metrics,
+    Healthy,
+    Ready,
+    NotFound,
+}
+
+/// How a request ends: its status, extra headers, and message.
+struct Answer {
+    status: u16,
+    message: String,
+    /// 2.0 only: (samples, histograms, exemplars) written.
+    written: Option<(u64, u64, u64)>,
+    retry_after_s: Option<u32>,
+    /// For 405: the method the path takes.
+    allow: Option<&'static str>,
+    /// The connection cannot be reused (framing lost or body too large to drain).
+    close: bool,
+}
+
+impl Answer {
+    fn new(status: u16, message: impl Into<String>) -> Self {
+        Answer {
+            status,
+            message: message.into(),
+            written: None,
+            retry_after_s: None,
+            allow: None,
+            close: false,
+        }
+    }
+
+    fn not_allowed(allow: &'static str) -> Self {
+        let mut a = Answer::new(405, format!("method not allowed: use {allow}"));
+        a.allow = Some(allow);
+        a
+    }
+}
+
+struct Conn<S> {
+    stream: TcpStream,
+    ctx: Rc<ShardContext<S>>,
+    input: Vec<u8>,
+    filled: usize,
+    chunked_body: Vec<u8>,
+    decoded: Vec<u8>,
+    out: Vec<u8>,
+    batch: Batch,
+    snappy: snap::raw::Decoder,
+    reasons: RejectCounts,
+}
+
+/// First size of a connection's input buffer; it grows to the largest request seen.
+const INPUT_BYTES_INITIAL: usize = 64 * 1024;
+
+impl<S: Sink> Conn<S> {
+    fn new(stream: TcpStream, ctx: Rc<ShardContext<S>>) -> Self {
+        Conn {
+            stream,
+            ctx,
+            input: vec![0; INPUT_BYTES_INITIAL],
+            filled: 0,
+            chunked_body: Vec::new(),
+            decoded: Vec::new(),
+            out: Vec::new(),
+            batch: Batch::default(),
+            snappy: snap::raw::Decoder::new(),
+            reasons: RejectCounts::default(),
+        }
+    }
+
+    /// Reads more bytes into `input`; `Ok(0)` is end of stream.
+    async fn fill(&mut self, timeout_ms: u64) -> io::Result<usize> {
+        if self.filled == self.input.len() {
+            let grown = self.input.len() * 2;
+            self.input.resize(grown, 0);
+        }
+        self.stream.set_read_timeout(Some(Duration::from_millis(timeout_ms.max(1))))?;
+        let n = self.stream.read(&mut self.input[self.filled..]).await?;
+        self.filled += n;
+        Ok(n)
+    }
+
+    /// Drops the first `n` bytes of input, keeping any pipelined bytes after them.
+    fn consume(&mut self, n: usize) {
+        self.input.copy_within(n..self.filled, 0);
+        self.filled -= n;
+    }
+
+    async fn run(&mut self) -> io::Result<()> {
+        loop {
+            let Some(head) = self.read_head().await? else {
+                return Ok(());
+            };
+            let answer = self.handle(&head).await?;
+            let close = answer.close || head.close;
+            self.respond(&answer, close).await?;
+            if close {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The next request head, or `None` when the client is gone (or was answered and
+    /// closed because its head was unusable).
+    async fn read_head(&mut self) -> io::Result<Option<Head>> {
+        let cfg = &self.ctx.config;
+        let (idle_ms, read_ms, header_max) = (cfg.idle_timeout_ms, cfg.read_timeout_ms, cfg.header_bytes_max);
+        loop {
+            if self.filled > 0 {
+                match http::parse_head(&self.input[..self.filled]) {
+                    Ok(Some(head)) => return Ok(Some(head)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.ctx.metrics().request_reject("http");
+                        let mut a = Answer::new(400, e.to_string());
+                        a.close = true;
+                        self.respond(&a, true).await?;
+                        return Ok(None);
+                    }
+                }
+                if self.filled >= header_max {
+                    self.ctx.metrics().request_reject("header_too_large");
+                    let mut a = Answer::new(431, format!("request head over {header_max} bytes"));
+                    a.close = true;
+                    self.respond(&a, true).await?;
+                    return Ok(None);
+                }
+            }
+            let timeout = if self.filled == 0 { idle_ms } else { read_ms };
+            match self.fill(timeout).await {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut && self.filled > 0 => {
+                    self.ctx.metrics().request_reject("timeout");
+                    let mut a = Answer::new(408, "timed out reading the request head");
+                    a.close = true;
+                    self.respond(&a, true).await?;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn handle(&mut self, head: &Head) -> io::Result<Answer> {
+        let route = match &self.input[head.path.clone()] {
+            b"/api/v1/prometheus" | b"/api/v1/write" => Route::Write,
+            b"/metrics" => Route::Metrics,
+            b"/-/healthy" => Route::Healthy,
+            b"/-/ready" => Route::Ready,
+            _ => Route::NotFound,
+        };
+        let allowed = match route {
+            Route::Write => head.method == Method::Post,
+            Route::NotFound => true,
+            _ => head.method == Method::Get,
+        };
+        if !allowed || !matches!(route, Route::Write) {
+            // Nothing to read from these bodies: drop them and answer.
+            let mut answer = match (allowed, route) {
+                (false, Route::Write) => Answer::not_allowed("POST"),
+                (false, _) => Answer::not_allowed("GET"),
+                (true, Route::NotFound) => Answer::new(404, "not found"),
+                (true, Route::Metrics) => {
+                    let mut text = String::new();
+                    crate::metrics::render(&self.ctx.metrics, &mut text);
+                    Answer::new(200, text)
+                }
+                (true, Route::Healthy) => Answer::new(200, "OK"),
+                (true, Route::Ready) if self.ctx.ready.load(Relaxed) => Answer::new(200, "ready"),
+                (true, _) => Answer::new(503, "starting"),
+            };
+            answer.close |= !self.skip_body(head).await?;
+            return Ok(answer);
+        }
+        self.write(head).await
+    }
+
+    /// The remote_write chain.
+    async fn write(&mut self, head: &Head) -> io::Result<Answer> {
+        let ctx = self.ctx.clone();
+        let metrics = ctx.metrics();
+        // Headers first: 415 before any byte of the body is looked at.
+        let content_type = head.content_type.clone().map(|r| &self.input[r]);
+        let content_encoding = head.content_encoding.clone().map(|r| &self.input[r]);
+        let checked = remote_write::protocol_for(content_type)
+            .and_then(|p| remote_write::check_encoding(content_encoding).map(|_| p))
+            .map_err(|e| (e, remote_write::protocol_for(content_type).ok()));
+        let protocol = match checked {
+            Ok(p) => p,
+            Err((e, protocol)) => {
+                let mut answer = self.refused(&e, protocol);
+                answer.close |= !self.skip_body(head).await?;
+                return Ok(answer);
+            }
+        };
+        let body_max = self.ctx.config.body_bytes_max;
+        if head.content_length.is_some_and(|n| n > body_max as u64) {
+            metrics.request_reject("body_too_large");
+            let mut answer = Answer::new(413, format!("body of {} bytes is over the limit of {body_max}", head.content_length.unwrap_or(0)));
+            answer.written = (protocol == Protocol::V2).then_some((0, 0, 0));
+            answer.close |= !self.skip_body(head).await?;
+            return Ok(answer);
+        }
+        if head.expect_continue {
+            self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+        }
+        let body = match self.read_body(head).await? {
+            Ok(range) => range,
+            Err(mut answer) => {
+                answer.written = (protocol == Protocol::V2).then_some((0, 0, 0));
+                return Ok(answer);
+            }
+        };
+        let started = Instant::now();
+        let body_len = body.1.len();
+        let answer = self.decode_and_sink(protocol, body.0, body.1, started).await;
+        metrics.receive_bytes.fetch_add(body_len as u64, Relaxed);
+        Ok(answer)
+    }
+
+    async fn decode_and_sink(&mut self, protocol: Protocol, consumed: usize, body: std::ops::Range<usize>, started: Instant) -> Answer {
+        let ctx = self.ctx.clone();
+        let metrics = ctx.metrics();
+        let cfg = &ctx.config;
+        let compressed: &[u8] = if consumed == 0 { &self.chunked_body[body.clone()] } else { &self.input[body.clone()] };
+        let decoded_len = match remote_write::decompress(compressed, cfg.decoded_bytes_max, &mut self.snappy, &mut self.decoded) {
+            Ok(n) => n,
+            Err(e) => {
+                self.finish_body(consumed);
+                return self.refused(&e, Some(protocol));
+            }
+        };
+        self.finish_body(consumed);
+        let raw = &self.decoded[..decoded_len];
+        let result = decode(protocol, raw, &cfg.limits, &mut self.batch, &mut self.reasons);
+        metrics.decode_time(started.elapsed().as_nanos() as u64);
+        metrics.decode_bytes.fetch_add(decoded_len as u64, Relaxed);
+        if let Err(e) = result {
+            return self.refused(&RequestError::Decode(e), Some(protocol));
+        }
+        let counts = self.batch.counts();
+        if !self.batch.is_empty() {
+            if let Err(e) = ctx.sink.write(Decoded { batch: &self.batch, body: raw }).await {
+                metrics.request_reject("sink_unavailable");
+                let mut a = Answer::new(503, e.to_string());
+                a.retry_after_s = Some(match e {
+                    SinkError::Full { retry_after_s } => retry_after_s,
+                    SinkError::Failed(_) => cfg.retry_after_s,
+                });
+                a.written = (protocol == Protocol::V2).then_some((0, 0, 0));
+                return a;
+            }
+        }
+        metrics.series.fetch_add(counts.series, Relaxed);
+        metrics.samples.fetch_add(counts.samples, Relaxed);
+        metrics.histograms.fetch_add(counts.histograms, Relaxed);
+        metrics.exemplars.fetch_add(counts.exemplars, Relaxed);
+        metrics.metadata.fetch_add(counts.metadata, Relaxed);
+        let written = (protocol == Protocol::V2).then_some((counts.samples, counts.histograms, counts.exemplars));
+        let rj = &self.batch.rejected;
+        if rj.series == 0 {
+            let mut a = Answer::new(204, "");
+            a.written = written;
+            return a;
+        }
+        // Record reasons only when something was refused (batch-level telemetry).
+        for (i, n) in self.reasons.0.iter_mut().enumerate() {
+            if *n > 0 {
+                metrics.series_rejects[i].fetch_add(u64::from(*n), Relaxed);
+                *n = 0;
+            }
+        }
+        metrics.request_reject("partial");
+        let total = counts.series + u64::from(rj.series);
+        let mut a = Answer::new(
+            400,
+            format!(
+                "{} of {total} series rejected ({} samples, {} histograms, {} exemplars not written); first: {}",
+                rj.series,
+                rj.samples,
+                rj.histograms,
+                rj.exemplars,
+                rj.first.as_deref().unwrap_or("?")
+            ),
+        );
+        a.written = written;
+        a
+    }
+
+    fn refused(&self, e: &RequestError, protocol: Option<Protocol>) -> Answer {
+        self.ctx.metrics().request_reject(e.reason());
+        let mut a = Answer::new(e.status(), e.to_string());
+        a.written = (protocol == Some(Protocol::V2)).then_some((0, 0, 0));
+        a
+    }
+
+    /// Reads a whole body. Returns (bytes of input to consume after use, or 0 when the
+    /// body was de-chunked into `chunked_body`; the body's range), or the answer that
+    /// refuses it.
+    async fn read_body(&mut self, head: &Head) -> io::Result<Result<(usize, std::ops::Range<usize>), Answer>> {
+        let body_max = self.ctx.config.body_bytes_max;
+        let read_ms = self.ctx.config.read_timeout_ms;
+        if head.chunked {
+            loop {
+                match http::dechunk(&self.input[head.len..self.filled], &mut self.chunked_body, body_max) {
+                    Ok(Chunked::Done { consumed }) => {
+                        self.consume(head.len + consumed);
+                        let n = self.chunked_body.len();
+                        return Ok(Ok((0, 0..n)));
+                    }
+                    Ok(Chunked::NeedMore) => {}
+                    Err(ChunkedError::TooLarge) => {
+                        self.ctx.metrics().request_reject("body_too_large");
+                        let mut a = Answer::new(413, format!("chunked body over the limit of {body_max} bytes"));
+                        a.close = true;
+                        return Ok(Err(a));
+                    }
+                    Err(ChunkedError::Malformed) => {
+                        self.ctx.metrics().request_reject("http");
+                        let mut a = Answer::new(400, "malformed chunked body");
+                        a.close = true;
+                        return Ok(Err(a));
+                    }
+                }
+                if self.read_more(read_ms).await?.is_err() {
+                    return Ok(Err(self.timed_out()));
+                }
+            }
+        }
+        let len = head.content_length.unwrap_or(0) as usize;
+        let end = head.len + len;
+        if self.input.len() < end {
+            self.input.resize(end, 0);
+        }
+        while self.filled < end {
+            if self.read_more(read_ms).await?.is_err() {
+                return Ok(Err(self.timed_out()));
+            }
+        }
+        Ok(Ok((end, head.len..end)))
+    }
+
+    /// One more read within a request. `Ok(Err(()))` means the read timed out.
+    async fn read_more(&mut self, timeout_ms: u64) -> io::Result<Result<(), ()>> {
+        match self.fill(timeout_ms).await {
+            Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client closed mid-request")),
+            Ok(_) => Ok(Ok(())),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => Ok(Err(())),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn timed_out(&self) -> Answer {
+        self.ctx.metrics().request_reject("timeout");
+        let mut a = Answer::new(408, "timed out reading the request body");
+        a.close = true;
+        a
+    }
+
+    fn finish_body(&mut self, consumed: usize) {
+        if consumed > 0 {
+            self.consume(consumed);
+        }
+    }
+
+    /// Reads and drops a body nobody will use. Returns false when the connection cannot
+    /// be reused (chunked or too large to drain); the caller then closes it.
+    async fn skip_body(&mut self, head: &Head) -> io::Result<bool> {
+        if head.chunked {
+            self.consume(head.len);
+            return Ok(false);
+        }
+        let mut remaining = head.content_length.unwrap_or(0);
+        if remaining > self.ctx.config.drain_bytes_max as u64 {
+            self.consume(head.len);
+            return Ok(false);
+        }
+        self.consume(head.len);
+        let read_ms = self.ctx.config.read_timeout_ms;
+        loop {
+            let take = remaining.min(self.filled as u64) as usize;
+            self.consume(take);
+            remaining -= take as u64;
+            if remaining == 0 {
+                return Ok(true);
+            }
+            if self.read_more(read_ms).await?.is_err() {
+                return Ok(false);
+            }
+        }
+    }
+
+    async fn respond(&mut self, a: &Answer, close: bool) -> io::Result<()> {
+        self.ctx.metrics().status(a.status);
+        self.out.clear();
+        let mut headers: Vec<(&str, String)> = Vec::new();
+        if let Some((s, h, e)) = a.written {
+            headers.push(("X-Prometheus-Remote-Write-Samples-Written", s.to_string()));
+            headers.push(("X-Prometheus-Remote-Write-Histograms-Written", h.to_string()));
+            headers.push(("X-Prometheus-Remote-Write-Exemplars-Written", e.to_string()));
+        }
+        if let Some(r) = a.retry_after_s {
+            headers.push(("Retry-After", r.to_string()));
+        }
+        if let Some(allow) = a.allow {
+            headers.push(("Allow", allow.to_string()));
+        }
+        let refs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let mut body = a.message.clone().into_bytes();
+        if !body.is_empty() && !body.ends_with(b"\n") {
+            body.push(b'\n');
+        }
+        let content_type = if a.status == 200 && a.message.starts_with("# HELP") {
+            "text/plain; version=0.0.4; charset=utf-8"
+        } else {
+            "text/plain; charset=utf-8"
+        };
+        http::write_response(&mut self.out, a.status, &refs, content_type, &body, close);
+        self.stream.set_write_timeout(Some(Duration::from_millis(self.ctx.config.write_timeout_ms.max(1))))?;
+        self.stream.write_all(&self.out).await?;
+        self.stream.flush().await
+    }
+}
