@@ -1,0 +1,184 @@
+//! Test support: start the real `promgate` binary on a free loopback port, and a small
+//! blocking HTTP/1.1 client that keeps its connection open between requests.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("promgate-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running agent; killed when dropped.
+pub struct Agent {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(name: &str, extra: &[&str]) -> Agent {
+        let dir = temp_dir(name);
+        let port = free_port();
+        let log = dir.join("agent.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_promgate"))
+            .args(["agent", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(dir.join("data"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start promgate agent");
+        let agent = Agent { child, port, log };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(mut c) = Client::connect(self.port) {
+                if let Ok(r) = c.request("GET", "/-/ready", &[], b"") {
+                    if r.status == 200 {
+                        return;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent did not become ready; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+    }
+
+    pub fn metrics(&self) -> String {
+        let mut c = Client::connect(self.port).unwrap();
+        String::from_utf8(c.request("GET", "/metrics", &[], b"").unwrap().body).unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sums a metric over all its series (all shards and labels) in a text exposition.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub struct Client {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(port: u16) -> std::io::Result<Client> {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Client { stream, buf: Vec::new() })
+    }
+
+    /// Sends raw bytes as a request and reads one response.
+    pub fn raw(&mut self, bytes: &[u8]) -> std::io::Result<Response> {
+        self.stream.write_all(bytes)?;
+        self.read_response()
+    }
+
+    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Response> {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n", body.len());
+        for (n, v) in headers {
+            req.push_str(&format!("{n}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        self.raw(&bytes)
+    }
+
+    pub fn read_response(&mut self) -> std::io::Result<Response> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(n) = resp.parse(&self.buf).map_err(std::io::Error::other)? {
+                let status = resp.code.unwrap_or(0);
+                let hs: Vec<(String, String)> = resp
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                    .collect();
+                let len: usize = hs
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                    .map(|(_, v)| v.parse().unwrap())
+                    .unwrap_or(0);
+                while self.buf.len() < n + len {
+                    self.fill()?;
+                }
+                let body = self.buf[n..n + len].to_vec();
+                self.buf.drain(..n + len);
+                return Ok(Response { status, headers: hs, body });
+            }
+            self.fill()?;
+        }
+    }
+
+    fn fill(&mut self) -> std::io::Result<()> {
+        let mut chunk = [0u8; 65536];
+        let n = self.stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "server closed"));
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+pub fn golden(name: &str) -> Vec<u8> {
+    std::fs::read(repo_root().join("testdata/remote_write").join(name)).unwrap()
+}
+
+pub const V1: &[(&str, &str)] = &[
+    ("Content-Type", "application/x-protobuf"),
+    ("Content-Encoding", "snappy"),
+    ("X-Prometheus-Remote-Write-Version", "0.1.0"),
+];
+pub const V2: &[(&str, &str)] = &[
+    ("Content-Type", "application/x-protobuf;proto=io.prometheus.write.v2.Request"),
+    ("Content-Encoding", "snappy"),
+    ("X-Prometheus-Remote-Write-Version", "2.0.0"),
+];
