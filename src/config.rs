@@ -113,7 +113,8 @@ pub struct AgentConfig {
 }
 
 pub fn load_file(path: &Path) -> anyhow::Result<File> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
 }
 
@@ -125,7 +126,11 @@ impl AgentConfig {
         };
         let r = ReceiveConfig::default();
         let l = Limits::default();
-        let listen_text = flags.listen.clone().or(file.agent.listen).unwrap_or_else(|| LISTEN_DEFAULT.into());
+        let listen_text = flags
+            .listen
+            .clone()
+            .or(file.agent.listen)
+            .unwrap_or_else(|| LISTEN_DEFAULT.into());
         let listen: SocketAddr = listen_text
             .parse()
             .with_context(|| format!("listen address {listen_text:?} is not IP:PORT"))?;
@@ -141,11 +146,23 @@ impl AgentConfig {
                 .or(file.receive.connections_per_shard_max)
                 .unwrap_or(r.connections_per_shard_max),
             header_bytes_max: file.receive.header_bytes_max.unwrap_or(r.header_bytes_max),
-            body_bytes_max: flags.body_bytes_max.or(file.receive.body_bytes_max).unwrap_or(r.body_bytes_max),
-            decoded_bytes_max: flags.decoded_bytes_max.or(file.receive.decoded_bytes_max).unwrap_or(r.decoded_bytes_max),
+            body_bytes_max: flags
+                .body_bytes_max
+                .or(file.receive.body_bytes_max)
+                .unwrap_or(r.body_bytes_max),
+            decoded_bytes_max: flags
+                .decoded_bytes_max
+                .or(file.receive.decoded_bytes_max)
+                .unwrap_or(r.decoded_bytes_max),
             drain_bytes_max: file.receive.drain_bytes_max.unwrap_or(r.drain_bytes_max),
-            idle_timeout_ms: flags.idle_timeout_ms.or(file.receive.idle_timeout_ms).unwrap_or(r.idle_timeout_ms),
-            read_timeout_ms: flags.read_timeout_ms.or(file.receive.read_timeout_ms).unwrap_or(r.read_timeout_ms),
+            idle_timeout_ms: flags
+                .idle_timeout_ms
+                .or(file.receive.idle_timeout_ms)
+                .unwrap_or(r.idle_timeout_ms),
+            read_timeout_ms: flags
+                .read_timeout_ms
+                .or(file.receive.read_timeout_ms)
+                .unwrap_or(r.read_timeout_ms),
             write_timeout_ms: file.receive.write_timeout_ms.unwrap_or(r.write_timeout_ms),
             retry_after_s: file.receive.retry_after_s.unwrap_or(r.retry_after_s),
             limits: Limits {
@@ -153,20 +170,35 @@ impl AgentConfig {
                     .labels_per_series_max
                     .or(file.limits.labels_per_series_max)
                     .unwrap_or(l.labels_per_series_max),
-                label_name_bytes_max: file.limits.label_name_bytes_max.unwrap_or(l.label_name_bytes_max),
-                label_value_bytes_max: file.limits.label_value_bytes_max.unwrap_or(l.label_value_bytes_max),
+                label_name_bytes_max: file
+                    .limits
+                    .label_name_bytes_max
+                    .unwrap_or(l.label_name_bytes_max),
+                label_value_bytes_max: file
+                    .limits
+                    .label_value_bytes_max
+                    .unwrap_or(l.label_value_bytes_max),
             },
         };
         let config = AgentConfig {
             options: AgentOptions {
                 listen,
                 shards,
-                io_memory_bytes: file.agent.io_memory_bytes.unwrap_or(IO_MEMORY_BYTES_DEFAULT),
+                io_memory_bytes: file
+                    .agent
+                    .io_memory_bytes
+                    .unwrap_or(IO_MEMORY_BYTES_DEFAULT),
                 receive,
             },
-            data_dir: explicit_dir.clone().unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
+            data_dir: explicit_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
             data_dir_explicit: explicit_dir.is_some(),
-            log_level: flags.log_level.clone().or(file.log.level).unwrap_or_else(|| "info".into()),
+            log_level: flags
+                .log_level
+                .clone()
+                .or(file.log.level)
+                .unwrap_or_else(|| "info".into()),
         };
         config.validate()?;
         Ok(config)
@@ -175,16 +207,36 @@ impl AgentConfig {
     fn validate(&self) -> anyhow::Result<()> {
         let r = &self.options.receive;
         let checks: [(&str, u64, u64); 10] = [
-            ("receive.connections_per_shard_max", r.connections_per_shard_max as u64, 1),
+            (
+                "receive.connections_per_shard_max",
+                r.connections_per_shard_max as u64,
+                1,
+            ),
             ("receive.header_bytes_max", r.header_bytes_max as u64, 1024),
             ("receive.body_bytes_max", r.body_bytes_max as u64, 1024),
-            ("receive.decoded_bytes_max", r.decoded_bytes_max as u64, 1024),
+            (
+                "receive.decoded_bytes_max",
+                r.decoded_bytes_max as u64,
+                1024,
+            ),
             ("receive.idle_timeout_ms", r.idle_timeout_ms, 1),
             ("receive.read_timeout_ms", r.read_timeout_ms, 1),
             ("receive.write_timeout_ms", r.write_timeout_ms, 1),
-            ("limits.labels_per_series_max", u64::from(r.limits.labels_per_series_max), 1),
-            ("limits.label_name_bytes_max", u64::from(r.limits.label_name_bytes_max), 1),
-            ("limits.label_value_bytes_max", u64::from(r.limits.label_value_bytes_max), 1),
+            (
+                "limits.labels_per_series_max",
+                u64::from(r.limits.labels_per_series_max),
+                1,
+            ),
+            (
+                "limits.label_name_bytes_max",
+                u64::from(r.limits.label_name_bytes_max),
+                1,
+            ),
+            (
+                "limits.label_value_bytes_max",
+                u64::from(r.limits.label_value_bytes_max),
+                1,
+            ),
         ];
         for (name, value, min) in checks {
             if value < min {
@@ -193,10 +245,16 @@ impl AgentConfig {
         }
         // Spans in a batch are u32 offsets into the decompressed body.
         if r.decoded_bytes_max as u64 > u64::from(u32::MAX) {
-            bail!("receive.decoded_bytes_max = {} is above 4 GiB", r.decoded_bytes_max);
+            bail!(
+                "receive.decoded_bytes_max = {} is above 4 GiB",
+                r.decoded_bytes_max
+            );
         }
         if self.options.shards > SHARDS_MAX {
-            bail!("agent.shards = {} is above {SHARDS_MAX}", self.options.shards);
+            bail!(
+                "agent.shards = {} is above {SHARDS_MAX}",
+                self.options.shards
+            );
         }
         Ok(())
     }
@@ -214,7 +272,10 @@ mod tests {
     #[test]
     fn shipped_config_file_parses_and_matches_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/agent.toml");
-        let flags = AgentFlags { config: Some(path), ..Default::default() };
+        let flags = AgentFlags {
+            config: Some(path),
+            ..Default::default()
+        };
         let c = AgentConfig::resolve(&flags).expect("config/agent.toml is valid");
         let d = ReceiveConfig::default();
         assert_eq!(c.options.listen.to_string(), LISTEN_DEFAULT);
@@ -226,20 +287,35 @@ mod tests {
 
     #[test]
     fn flags_override_file_and_bad_values_are_named() {
-        let flags = AgentFlags { listen: Some("127.0.0.1:9".into()), shards: Some(3), ..Default::default() };
+        let flags = AgentFlags {
+            listen: Some("127.0.0.1:9".into()),
+            shards: Some(3),
+            ..Default::default()
+        };
         let c = AgentConfig::resolve(&flags).unwrap();
         assert_eq!(c.options.listen.to_string(), "127.0.0.1:9");
         assert_eq!(c.options.shards, 3);
-        let bad = AgentFlags { body_bytes_max: Some(10), ..Default::default() };
+        let bad = AgentFlags {
+            body_bytes_max: Some(10),
+            ..Default::default()
+        };
         let e = AgentConfig::resolve(&bad).unwrap_err().to_string();
         assert!(e.contains("receive.body_bytes_max"), "{e}");
-        let bad = AgentFlags { listen: Some("nowhere".into()), ..Default::default() };
-        assert!(AgentConfig::resolve(&bad).unwrap_err().to_string().contains("nowhere"));
+        let bad = AgentFlags {
+            listen: Some("nowhere".into()),
+            ..Default::default()
+        };
+        assert!(AgentConfig::resolve(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("nowhere"));
     }
 
     #[test]
     fn unknown_keys_are_refused() {
-        let e = toml::from_str::<File>("[receive]\nbody_bytes_mxa = 5\n").unwrap_err().to_string();
+        let e = toml::from_str::<File>("[receive]\nbody_bytes_mxa = 5\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("body_bytes_mxa"), "{e}");
     }
 }

@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "promgate", version, about = "Thread-per-core io_uring Prometheus remote_write agent")]
+#[command(
+    name = "promgate",
+    version,
+    about = "Thread-per-core io_uring Prometheus remote_write agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -35,9 +39,15 @@ enum Command {
 }
 
 fn init_logging(level: &str) {
-    let filter = std::env::var("RUST_LOG").ok().unwrap_or_else(|| level.to_string());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .unwrap_or_else(|| level.to_string());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Creates the data directory; a plain `promgate run` falls back to a local directory
@@ -50,9 +60,12 @@ fn prepare_data_dir(config: &mut AgentConfig, allow_fallback: bool) -> anyhow::R
             let local = PathBuf::from(config::DATA_DIR_FALLBACK);
             tracing::warn!(wanted = %config.data_dir.display(), error = %e, using = %local.display(), "data directory not writable; using a local one");
             config.data_dir = local;
-            std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data directory {}", config.data_dir.display()))
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("creating data directory {}", config.data_dir.display()))
         }
-        Err(e) => Err(e).with_context(|| format!("creating data directory {}", config.data_dir.display())),
+        Err(e) => {
+            Err(e).with_context(|| format!("creating data directory {}", config.data_dir.display()))
+        }
     }
 }
 
@@ -66,10 +79,20 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command.unwrap_or(Command::Run { flags: AgentFlags::default() }) {
-        Command::Agent { flags, check_config: true } => match AgentConfig::resolve(&flags) {
+    let result = match cli.command.unwrap_or(Command::Run {
+        flags: AgentFlags::default(),
+    }) {
+        Command::Agent {
+            flags,
+            check_config: true,
+        } => match AgentConfig::resolve(&flags) {
             Ok(c) => {
-                println!("config OK: listen {} shards {} data_dir {}", c.options.listen, c.options.shards, c.data_dir.display());
+                println!(
+                    "config OK: listen {} shards {} data_dir {}",
+                    c.options.listen,
+                    c.options.shards,
+                    c.data_dir.display()
+                );
                 println!("{:#?}", c.options.receive);
                 return ExitCode::SUCCESS;
             }

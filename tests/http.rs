@@ -24,15 +24,24 @@ struct Case {
 }
 
 fn golden_raw(name: &str) -> Vec<u8> {
-    snap::raw::Decoder::new().decompress_vec(&golden(name)).unwrap()
+    snap::raw::Decoder::new()
+        .decompress_vec(&golden(name))
+        .unwrap()
 }
 
 fn snappy(raw: &[u8]) -> Vec<u8> {
     snap::raw::Encoder::new().compress_vec(raw).unwrap()
 }
 
-fn with(base: &[(&'static str, &'static str)], replace: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
-    let mut h: Vec<_> = base.iter().filter(|(n, _)| !replace.iter().any(|(r, _)| r == n)).copied().collect();
+fn with(
+    base: &[(&'static str, &'static str)],
+    replace: &[(&'static str, &'static str)],
+) -> Vec<(&'static str, &'static str)> {
+    let mut h: Vec<_> = base
+        .iter()
+        .filter(|(n, _)| !replace.iter().any(|(r, _)| r == n))
+        .copied()
+        .collect();
     h.extend_from_slice(replace);
     h
 }
@@ -46,74 +55,399 @@ fn cases() -> Vec<Case> {
         n >>= 7;
     }
     bomb.push(n as u8);
-    let empty_v2 = snappy(&v2::Request { symbols: vec![String::new()], timeseries: vec![] }.encode_to_vec());
-    let c = |name, method, path, headers: Vec<_>, body: Vec<u8>, status, written, says, accepted| Case {
-        name, method, path, headers, body, status, written, says, accepted,
-    };
+    let empty_v2 = snappy(
+        &v2::Request {
+            symbols: vec![String::new()],
+            timeseries: vec![],
+        }
+        .encode_to_vec(),
+    );
+    let c =
+        |name, method, path, headers: Vec<_>, body: Vec<u8>, status, written, says, accepted| {
+            Case {
+                name,
+                method,
+                path,
+                headers,
+                body,
+                status,
+                written,
+                says,
+                accepted,
+            }
+        };
     vec![
-        c("v1 ok", "POST", "/api/v1/prometheus", V1.to_vec(), v1_basic.clone(), 204, None, "", 6),
-        c("v1 ok on /api/v1/write", "POST", "/api/v1/write", V1.to_vec(), v1_basic.clone(), 204, None, "", 6),
-        c("v1 without content headers", "POST", "/api/v1/write", vec![], v1_basic.clone(), 204, None, "", 6),
-        c("v1 histograms and exemplars", "POST", "/api/v1/write", V1.to_vec(), golden("v1_histograms_exemplars.bin"), 204, None, "", 1),
-        c("v2 ok", "POST", "/api/v1/write", V2.to_vec(), golden("v2_basic.bin"), 204, Some((2, 2, 1)), "", 2),
-        c("json", "POST", "/api/v1/write", with(V1, &[("Content-Type", "application/json")]), b"{}".to_vec(), 415, None, "Content-Type", 0),
-        c("png", "POST", "/api/v1/write", with(V1, &[("Content-Type", "image/png")]), v1_basic.clone(), 415, None, "Content-Type", 0),
-        c("unknown proto", "POST", "/api/v1/write", with(V1, &[("Content-Type", "application/x-protobuf;proto=foo.Bar")]), v1_basic.clone(), 415, None, "Content-Type", 0),
-        c("gzip", "POST", "/api/v1/write", with(V1, &[("Content-Encoding", "gzip")]), v1_basic.clone(), 415, None, "Content-Encoding", 0),
-        c("v2 deflate", "POST", "/api/v1/write", with(V2, &[("Content-Encoding", "deflate")]), v1_basic.clone(), 415, Some((0, 0, 0)), "Content-Encoding", 0),
-        c("corrupt snappy", "POST", "/api/v1/write", V1.to_vec(), { let v = snappy(&golden_raw("v1_basic.bin")); v[..v.len() - 5].to_vec() }, 400, None, "snappy", 0),
-        c("corrupt protobuf", "POST", "/api/v1/write", V1.to_vec(), snappy(b"\x0a\xff\x01garbage"), 400, None, "corrupt protobuf", 0),
-        c("v2 corrupt protobuf", "POST", "/api/v1/write", V2.to_vec(), snappy(b"\x2a\x05ab"), 400, Some((0, 0, 0)), "corrupt protobuf", 0),
-        c("v1 invalid series", "POST", "/api/v1/write", V1.to_vec(), golden("v1_mixed_invalid.bin"), 400, None, "series 1 {job=\"no_name\"}: no __name__ label", 2),
-        c("v2 invalid series", "POST", "/api/v1/write", V2.to_vec(), golden("v2_mixed_invalid.bin"), 400, Some((1, 0, 0)), "4 of 5 series rejected", 1),
-        c("v2 empty", "POST", "/api/v1/write", V2.to_vec(), empty_v2, 400, Some((0, 0, 0)), "empty request", 0),
-        c("snappy bomb", "POST", "/api/v1/write", V1.to_vec(), bomb, 413, None, "over the limit", 0),
-        c("body over limit", "POST", "/api/v1/write", V1.to_vec(), vec![7u8; 100_000], 413, None, "over the limit", 0),
-        c("v2 body over limit", "POST", "/api/v1/write", V2.to_vec(), vec![7u8; 100_000], 413, Some((0, 0, 0)), "over the limit", 0),
-        c("GET on write", "GET", "/api/v1/write", vec![], vec![], 405, None, "POST", 0),
-        c("POST on metrics", "POST", "/metrics", vec![], b"x".to_vec(), 405, None, "GET", 0),
-        c("unknown path", "GET", "/nope", vec![], vec![], 404, None, "not found", 0),
-        c("unknown path with body", "POST", "/api/v2/write", V1.to_vec(), v1_basic.clone(), 404, None, "not found", 0),
-        c("healthy", "GET", "/-/healthy", vec![], vec![], 200, None, "OK", 0),
-        c("ready", "GET", "/-/ready", vec![], vec![], 200, None, "ready", 0),
-        c("metrics", "GET", "/metrics?x=1", vec![], vec![], 200, None, "promgate_agent_decode_samples_total", 0),
+        c(
+            "v1 ok",
+            "POST",
+            "/api/v1/prometheus",
+            V1.to_vec(),
+            v1_basic.clone(),
+            204,
+            None,
+            "",
+            6,
+        ),
+        c(
+            "v1 ok on /api/v1/write",
+            "POST",
+            "/api/v1/write",
+            V1.to_vec(),
+            v1_basic.clone(),
+            204,
+            None,
+            "",
+            6,
+        ),
+        c(
+            "v1 without content headers",
+            "POST",
+            "/api/v1/write",
+            vec![],
+            v1_basic.clone(),
+            204,
+            None,
+            "",
+            6,
+        ),
+        c(
+            "v1 histograms and exemplars",
+            "POST",
+            "/api/v1/write",
+            V1.to_vec(),
+            golden("v1_histograms_exemplars.bin"),
+            204,
+            None,
+            "",
+            1,
+        ),
+        c(
+            "v2 ok",
+            "POST",
+            "/api/v1/write",
+            V2.to_vec(),
+            golden("v2_basic.bin"),
+            204,
+            Some((2, 2, 1)),
+            "",
+            2,
+        ),
+        c(
+            "json",
+            "POST",
+            "/api/v1/write",
+            with(V1, &[("Content-Type", "application/json")]),
+            b"{}".to_vec(),
+            415,
+            None,
+            "Content-Type",
+            0,
+        ),
+        c(
+            "png",
+            "POST",
+            "/api/v1/write",
+            with(V1, &[("Content-Type", "image/png")]),
+            v1_basic.clone(),
+            415,
+            None,
+            "Content-Type",
+            0,
+        ),
+        c(
+            "unknown proto",
+            "POST",
+            "/api/v1/write",
+            with(
+                V1,
+                &[("Content-Type", "application/x-protobuf;proto=foo.Bar")],
+            ),
+            v1_basic.clone(),
+            415,
+            None,
+            "Content-Type",
+            0,
+        ),
+        c(
+            "gzip",
+            "POST",
+            "/api/v1/write",
+            with(V1, &[("Content-Encoding", "gzip")]),
+            v1_basic.clone(),
+            415,
+            None,
+            "Content-Encoding",
+            0,
+        ),
+        c(
+            "v2 deflate",
+            "POST",
+            "/api/v1/write",
+            with(V2, &[("Content-Encoding", "deflate")]),
+            v1_basic.clone(),
+            415,
+            Some((0, 0, 0)),
+            "Content-Encoding",
+            0,
+        ),
+        c(
+            "corrupt snappy",
+            "POST",
+            "/api/v1/write",
+            V1.to_vec(),
+            {
+                let v = snappy(&golden_raw("v1_basic.bin"));
+                v[..v.len() - 5].to_vec()
+            },
+            400,
+            None,
+            "snappy",
+            0,
+        ),
+        c(
+            "corrupt protobuf",
+            "POST",
+            "/api/v1/write",
+            V1.to_vec(),
+            snappy(b"\x0a\xff\x01garbage"),
+            400,
+            None,
+            "corrupt protobuf",
+            0,
+        ),
+        c(
+            "v2 corrupt protobuf",
+            "POST",
+            "/api/v1/write",
+            V2.to_vec(),
+            snappy(b"\x2a\x05ab"),
+            400,
+            Some((0, 0, 0)),
+            "corrupt protobuf",
+            0,
+        ),
+        c(
+            "v1 invalid series",
+            "POST",
+            "/api/v1/write",
+            V1.to_vec(),
+            golden("v1_mixed_invalid.bin"),
+            400,
+            None,
+            "series 1 {job=\"no_name\"}: no __name__ label",
+            2,
+        ),
+        c(
+            "v2 invalid series",
+            "POST",
+            "/api/v1/write",
+            V2.to_vec(),
+            golden("v2_mixed_invalid.bin"),
+            400,
+            Some((1, 0, 0)),
+            "4 of 5 series rejected",
+            1,
+        ),
+        c(
+            "v2 empty",
+            "POST",
+            "/api/v1/write",
+            V2.to_vec(),
+            empty_v2,
+            400,
+            Some((0, 0, 0)),
+            "empty request",
+            0,
+        ),
+        c(
+            "snappy bomb",
+            "POST",
+            "/api/v1/write",
+            V1.to_vec(),
+            bomb,
+            413,
+            None,
+            "over the limit",
+            0,
+        ),
+        c(
+            "body over limit",
+            "POST",
+            "/api/v1/write",
+            V1.to_vec(),
+            vec![7u8; 100_000],
+            413,
+            None,
+            "over the limit",
+            0,
+        ),
+        c(
+            "v2 body over limit",
+            "POST",
+            "/api/v1/write",
+            V2.to_vec(),
+            vec![7u8; 100_000],
+            413,
+            Some((0, 0, 0)),
+            "over the limit",
+            0,
+        ),
+        c(
+            "GET on write",
+            "GET",
+            "/api/v1/write",
+            vec![],
+            vec![],
+            405,
+            None,
+            "POST",
+            0,
+        ),
+        c(
+            "POST on metrics",
+            "POST",
+            "/metrics",
+            vec![],
+            b"x".to_vec(),
+            405,
+            None,
+            "GET",
+            0,
+        ),
+        c(
+            "unknown path",
+            "GET",
+            "/nope",
+            vec![],
+            vec![],
+            404,
+            None,
+            "not found",
+            0,
+        ),
+        c(
+            "unknown path with body",
+            "POST",
+            "/api/v2/write",
+            V1.to_vec(),
+            v1_basic.clone(),
+            404,
+            None,
+            "not found",
+            0,
+        ),
+        c(
+            "healthy",
+            "GET",
+            "/-/healthy",
+            vec![],
+            vec![],
+            200,
+            None,
+            "OK",
+            0,
+        ),
+        c(
+            "ready",
+            "GET",
+            "/-/ready",
+            vec![],
+            vec![],
+            200,
+            None,
+            "ready",
+            0,
+        ),
+        c(
+            "metrics",
+            "GET",
+            "/metrics?x=1",
+            vec![],
+            vec![],
+            200,
+            None,
+            "promgate_agent_decode_samples_total",
+            0,
+        ),
     ]
 }
 
 #[test]
 fn every_status_keeps_the_connection_and_others_alive() {
-    let agent = Agent::start("http", &["--shards", "2", "--body-bytes-max", "65536", "--decoded-bytes-max", "1048576"]);
+    let agent = Agent::start(
+        "http",
+        &[
+            "--shards",
+            "2",
+            "--body-bytes-max",
+            "65536",
+            "--decoded-bytes-max",
+            "1048576",
+        ],
+    );
     let mut bystander = Client::connect(agent.port).unwrap();
     let mut conn = Client::connect(agent.port).unwrap();
     let ok_body = golden("v1_basic.bin");
     let mut accepted = 0u64;
     for case in cases() {
-        let r = conn.request(case.method, case.path, &case.headers, &case.body).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let r = conn
+            .request(case.method, case.path, &case.headers, &case.body)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         assert_eq!(r.status, case.status, "{}: {}", case.name, r.text());
-        assert!(r.text().contains(case.says), "{}: body {:?} lacks {:?}", case.name, r.text(), case.says);
-        let written = ["Samples", "Histograms", "Exemplars"]
-            .map(|k| r.header(&format!("X-Prometheus-Remote-Write-{k}-Written")).map(|v| v.parse::<u64>().unwrap()));
+        assert!(
+            r.text().contains(case.says),
+            "{}: body {:?} lacks {:?}",
+            case.name,
+            r.text(),
+            case.says
+        );
+        let written = ["Samples", "Histograms", "Exemplars"].map(|k| {
+            r.header(&format!("X-Prometheus-Remote-Write-{k}-Written"))
+                .map(|v| v.parse::<u64>().unwrap())
+        });
         match case.written {
-            Some((s, h, e)) => assert_eq!(written, [Some(s), Some(h), Some(e)], "{}: Written headers", case.name),
-            None => assert_eq!(written, [None, None, None], "{}: 1.0 answers carry no Written headers", case.name),
+            Some((s, h, e)) => assert_eq!(
+                written,
+                [Some(s), Some(h), Some(e)],
+                "{}: Written headers",
+                case.name
+            ),
+            None => assert_eq!(
+                written,
+                [None, None, None],
+                "{}: 1.0 answers carry no Written headers",
+                case.name
+            ),
         }
         if case.status == 405 {
-            assert!(r.header("Allow").is_some(), "{}: 405 without Allow", case.name);
+            assert!(
+                r.header("Allow").is_some(),
+                "{}: 405 without Allow",
+                case.name
+            );
         }
         if case.status == 204 {
             assert!(r.body.is_empty(), "{}: 204 with a body", case.name);
         }
         accepted += case.accepted;
         // The same connection serves the next request.
-        let again = conn.request("POST", "/api/v1/write", V1, &ok_body).unwrap_or_else(|e| panic!("after {}: {e}", case.name));
+        let again = conn
+            .request("POST", "/api/v1/write", V1, &ok_body)
+            .unwrap_or_else(|e| panic!("after {}: {e}", case.name));
         assert_eq!(again.status, 204, "after {}: {}", case.name, again.text());
         accepted += 6;
     }
-    let r = bystander.request("POST", "/api/v1/prometheus", V1, &ok_body).unwrap();
+    let r = bystander
+        .request("POST", "/api/v1/prometheus", V1, &ok_body)
+        .unwrap();
     assert_eq!(r.status, 204, "the other connection still works");
     accepted += 6;
     let text = agent.metrics();
-    assert_eq!(metric_sum(&text, "promgate_agent_decode_samples_total"), accepted as f64, "samples counted once each");
+    assert_eq!(
+        metric_sum(&text, "promgate_agent_decode_samples_total"),
+        accepted as f64,
+        "samples counted once each"
+    );
     assert!(metric_sum(&text, "promgate_agent_decode_series_rejected_total") >= 7.0);
     assert!(metric_sum(&text, "promgate_agent_receive_rejected_total") >= 12.0);
 }
@@ -136,7 +470,10 @@ fn chunked_and_pipelined_requests() {
     two.extend_from_slice(&req);
     assert_eq!(conn.raw(&two).unwrap().status, 204);
     assert_eq!(conn.read_response().unwrap().status, 204);
-    assert_eq!(metric_sum(&agent.metrics(), "promgate_agent_decode_samples_total"), 12.0);
+    assert_eq!(
+        metric_sum(&agent.metrics(), "promgate_agent_decode_samples_total"),
+        12.0
+    );
 }
 
 #[test]
@@ -147,19 +484,34 @@ fn malformed_head_gets_400_and_others_keep_working() {
     assert_eq!(r.status, 400);
     assert_eq!(r.header("Connection"), Some("close"));
     let mut good = Client::connect(agent.port).unwrap();
-    assert_eq!(good.request("POST", "/api/v1/write", V1, &golden("v1_basic.bin")).unwrap().status, 204);
+    assert_eq!(
+        good.request("POST", "/api/v1/write", V1, &golden("v1_basic.bin"))
+            .unwrap()
+            .status,
+        204
+    );
 }
 
 #[test]
 fn connection_limit_answers_503_with_retry_after() {
-    let agent = Agent::start("connlimit", &["--shards", "1", "--connections-per-shard-max", "1"]);
+    let agent = Agent::start(
+        "connlimit",
+        &["--shards", "1", "--connections-per-shard-max", "1"],
+    );
     let mut first = Client::connect(agent.port).unwrap();
-    assert_eq!(first.request("GET", "/-/healthy", &[], b"").unwrap().status, 200);
+    assert_eq!(
+        first.request("GET", "/-/healthy", &[], b"").unwrap().status,
+        200
+    );
     let mut second = Client::connect(agent.port).unwrap();
     let r = second.read_response().unwrap();
     assert_eq!(r.status, 503);
     assert!(r.header("Retry-After").is_some());
-    assert_eq!(first.request("GET", "/-/healthy", &[], b"").unwrap().status, 200, "the admitted connection is unaffected");
+    assert_eq!(
+        first.request("GET", "/-/healthy", &[], b"").unwrap().status,
+        200,
+        "the admitted connection is unaffected"
+    );
 }
 
 #[test]
@@ -169,7 +521,11 @@ fn check_config_accepts_the_shipped_file_and_names_bad_keys() {
         .arg(common::repo_root().join("config/agent.toml"))
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("config OK"));
     let dir = common::temp_dir("badconfig");
     let bad = dir.join("bad.toml");

@@ -44,7 +44,9 @@ impl Default for Limits {
 pub enum DecodeError {
     Wire(WireError),
     /// A string that must be UTF-8 is not (symbols table or metadata).
-    InvalidUtf8 { what: &'static str },
+    InvalidUtf8 {
+        what: &'static str,
+    },
     /// 2.0: `symbols[0]` must be the empty string.
     FirstSymbolNotEmpty,
     /// 2.0: a request with no series at all.
@@ -169,7 +171,11 @@ fn decode_v1(
             3 => {
                 Reader::expect(field, wt, LEN)?;
                 let m = v1_metadata(r.message()?)?;
-                for (span, what) in [(m.family, "metadata name"), (m.help, "metadata help"), (m.unit, "metadata unit")] {
+                for (span, what) in [
+                    (m.family, "metadata name"),
+                    (m.help, "metadata help"),
+                    (m.unit, "metadata unit"),
+                ] {
                     if std::str::from_utf8(&body[span.range()]).is_err() {
                         return Err(DecodeError::InvalidUtf8 { what });
                     }
@@ -254,7 +260,8 @@ fn v1_series(
                     end: batch.labels.len() as u32,
                 };
                 if bad_exemplar.is_none() {
-                    bad_exemplar = check_exemplar_labels(body, &batch.labels[e.labels.range()]).err();
+                    bad_exemplar =
+                        check_exemplar_labels(body, &batch.labels[e.labels.range()]).err();
                 }
                 batch.exemplars.push(e);
             }
@@ -748,7 +755,12 @@ fn finish_series(
             rj.exemplars += series.exemplars.len() as u32;
             reasons.0[reason as usize] += 1;
             if rj.first.is_none() {
-                rj.first = Some(describe(body, &batch.labels[series.labels.range()], reason, index));
+                rj.first = Some(describe(
+                    body,
+                    &batch.labels[series.labels.range()],
+                    reason,
+                    index,
+                ));
             }
             batch.rollback(mark);
         }
@@ -768,7 +780,11 @@ fn describe(body: &[u8], labels: &[LabelRef], reason: Reject, index: u32) -> Str
         }
         s.push_str(&String::from_utf8_lossy(&body[l.name.range()]));
         s.push_str("=\"");
-        s.push_str(&String::from_utf8_lossy(&body[l.value.range()]).escape_debug().to_string());
+        s.push_str(
+            &String::from_utf8_lossy(&body[l.value.range()])
+                .escape_debug()
+                .to_string(),
+        );
         s.push('"');
     }
     s.push_str("}: ");
@@ -837,7 +853,8 @@ fn check_exemplar_labels(body: &[u8], labels: &[LabelRef]) -> Result<(), Reject>
         if name.is_empty() {
             return Err(Reject::EmptyLabelName);
         }
-        if std::str::from_utf8(name).is_err() || std::str::from_utf8(&body[l.value.range()]).is_err()
+        if std::str::from_utf8(name).is_err()
+            || std::str::from_utf8(&body[l.value.range()]).is_err()
         {
             return Err(Reject::InvalidUtf8);
         }
@@ -876,7 +893,9 @@ fn check_histogram(batch: &Batch, h: &Histogram) -> Result<(), ()> {
             || !h.negative_deltas.is_empty()
             || !h.negative_counts.is_empty()
             || !zero
-            || custom_values.windows(2).any(|w| !(w[0] < w[1]))
+            || custom_values
+                .windows(2)
+                .any(|w| w[0].partial_cmp(&w[1]) != Some(std::cmp::Ordering::Less))
         {
             return Err(());
         }

@@ -50,7 +50,10 @@ impl std::fmt::Display for RequestError {
                  (proto=prometheus.WriteRequest or proto=io.prometheus.write.v2.Request)"
             ),
             RequestError::UnsupportedEncoding(ce) => {
-                write!(f, "unsupported Content-Encoding {ce:?}: only snappy (block format) is accepted")
+                write!(
+                    f,
+                    "unsupported Content-Encoding {ce:?}: only snappy (block format) is accepted"
+                )
             }
             RequestError::DecodedTooLarge { declared, max } => write!(
                 f,
@@ -71,7 +74,8 @@ pub fn protocol_for(content_type: Option<&[u8]>) -> Result<Protocol, RequestErro
     let Some(raw) = content_type else {
         return Ok(Protocol::V1);
     };
-    let unsupported = || RequestError::UnsupportedContentType(String::from_utf8_lossy(raw).into_owned());
+    let unsupported =
+        || RequestError::UnsupportedContentType(String::from_utf8_lossy(raw).into_owned());
     let text = std::str::from_utf8(raw).map_err(|_| unsupported())?;
     let mut parts = text.split(';');
     let media = parts.next().unwrap_or("").trim();
@@ -120,7 +124,8 @@ pub fn decompress(
     decoder: &mut snap::raw::Decoder,
     out: &mut Vec<u8>,
 ) -> Result<usize, RequestError> {
-    let declared = snap::raw::decompress_len(body).map_err(|e| RequestError::Snappy(e.to_string()))?;
+    let declared =
+        snap::raw::decompress_len(body).map_err(|e| RequestError::Snappy(e.to_string()))?;
     if declared > decoded_bytes_max {
         return Err(RequestError::DecodedTooLarge {
             declared: declared as u64,
@@ -147,10 +152,22 @@ mod tests {
             (None, Some(Protocol::V1)),
             (Some("application/x-protobuf"), Some(Protocol::V1)),
             (Some("Application/X-Protobuf"), Some(Protocol::V1)),
-            (Some("application/x-protobuf;proto=prometheus.WriteRequest"), Some(Protocol::V1)),
-            (Some("application/x-protobuf; proto=io.prometheus.write.v2.Request"), Some(Protocol::V2)),
-            (Some("application/x-protobuf;proto=\"io.prometheus.write.v2.Request\""), Some(Protocol::V2)),
-            (Some("application/x-protobuf;proto=io.prometheus.write.v3.Request"), None),
+            (
+                Some("application/x-protobuf;proto=prometheus.WriteRequest"),
+                Some(Protocol::V1),
+            ),
+            (
+                Some("application/x-protobuf; proto=io.prometheus.write.v2.Request"),
+                Some(Protocol::V2),
+            ),
+            (
+                Some("application/x-protobuf;proto=\"io.prometheus.write.v2.Request\""),
+                Some(Protocol::V2),
+            ),
+            (
+                Some("application/x-protobuf;proto=io.prometheus.write.v3.Request"),
+                None,
+            ),
             (Some("application/json"), None),
             (Some("image/png"), None),
             (Some(""), None),
@@ -186,15 +203,22 @@ mod tests {
         let mut out = Vec::new();
         let err = decompress(&body, 1 << 20, &mut snap::raw::Decoder::new(), &mut out).unwrap_err();
         assert_eq!(err.status(), 413);
-        assert_eq!(out.capacity(), 0, "nothing may be allocated for a refused body");
+        assert_eq!(
+            out.capacity(),
+            0,
+            "nothing may be allocated for a refused body"
+        );
     }
 
     #[test]
     fn corrupt_snappy_is_400() {
         let mut out = Vec::new();
-        let body = snap::raw::Encoder::new().compress_vec(b"hello hello hello hello").unwrap();
+        let body = snap::raw::Encoder::new()
+            .compress_vec(b"hello hello hello hello")
+            .unwrap();
         let truncated = &body[..body.len() - 3];
-        let err = decompress(truncated, 1 << 20, &mut snap::raw::Decoder::new(), &mut out).unwrap_err();
+        let err =
+            decompress(truncated, 1 << 20, &mut snap::raw::Decoder::new(), &mut out).unwrap_err();
         assert_eq!(err.status(), 400);
         let n = decompress(&body, 1 << 20, &mut snap::raw::Decoder::new(), &mut out).unwrap();
         assert_eq!(&out[..n], b"hello hello hello hello");

@@ -11,13 +11,27 @@ use proptest::prelude::*;
 use prost::Message;
 
 const NAMES: &[&str] = &["__name__", "a", "instance", "job", "le", "zone"];
-const VALUES: &[&str] = &["", "x", "node", "10.0.0.1:9100", "ünï", "line\nbreak", "+Inf"];
+const VALUES: &[&str] = &[
+    "",
+    "x",
+    "node",
+    "10.0.0.1:9100",
+    "ünï",
+    "line\nbreak",
+    "+Inf",
+];
 
 fn arb_labels() -> impl Strategy<Value = Vec<(String, String)>> {
-    (prop::collection::vec((0..NAMES.len(), 0..VALUES.len()), 0..6), any::<bool>(), any::<bool>()).prop_map(
-        |(picks, sort, with_name)| {
-            let mut labels: Vec<(String, String)> =
-                picks.into_iter().map(|(n, v)| (NAMES[n].to_string(), VALUES[v].to_string())).collect();
+    (
+        prop::collection::vec((0..NAMES.len(), 0..VALUES.len()), 0..6),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(picks, sort, with_name)| {
+            let mut labels: Vec<(String, String)> = picks
+                .into_iter()
+                .map(|(n, v)| (NAMES[n].to_string(), VALUES[v].to_string()))
+                .collect();
             if with_name {
                 labels.push(("__name__".into(), "metric".into()));
             }
@@ -26,17 +40,31 @@ fn arb_labels() -> impl Strategy<Value = Vec<(String, String)>> {
                 labels.dedup_by(|a, b| a.0 == b.0);
             }
             labels
-        },
-    )
+        })
 }
 
 /// A histogram and whether it is consistent.
 fn arb_histogram() -> impl Strategy<Value = (Histogram, bool)> {
-    (prop::collection::vec(0i64..5, 0..5), 0u64..3, any::<bool>(), any::<i64>(), any::<bool>()).prop_map(
-        |(counts, zero, float, ts, break_count)| {
+    (
+        prop::collection::vec(0i64..5, 0..5),
+        0u64..3,
+        any::<bool>(),
+        any::<i64>(),
+        any::<bool>(),
+    )
+        .prop_map(|(counts, zero, float, ts, break_count)| {
             let total: u64 = counts.iter().map(|c| *c as u64).sum::<u64>() + zero;
-            let spans = vec![BucketSpan { offset: 0, length: counts.len() as u32 }];
-            let mut h = Histogram { schema: 2, positive_spans: spans, timestamp: ts, sum: 1.5, ..Default::default() };
+            let spans = vec![BucketSpan {
+                offset: 0,
+                length: counts.len() as u32,
+            }];
+            let mut h = Histogram {
+                schema: 2,
+                positive_spans: spans,
+                timestamp: ts,
+                sum: 1.5,
+                ..Default::default()
+            };
             let bump = u64::from(break_count);
             if float {
                 h.count = Some(histogram::Count::CountFloat((total + bump) as f64));
@@ -50,11 +78,17 @@ fn arb_histogram() -> impl Strategy<Value = (Histogram, bool)> {
                 h.count = Some(histogram::Count::CountInt(total + bump));
                 h.zero_count = Some(histogram::ZeroCount::ZeroCountInt(zero));
                 let mut prev = 0;
-                h.positive_deltas = counts.iter().map(|c| { let d = c - prev; prev = *c; d }).collect();
+                h.positive_deltas = counts
+                    .iter()
+                    .map(|c| {
+                        let d = c - prev;
+                        prev = *c;
+                        d
+                    })
+                    .collect();
             }
             (h, !break_count)
-        },
-    )
+        })
 }
 
 #[derive(Debug, Clone)]
@@ -62,7 +96,7 @@ struct GenSeries {
     labels: Vec<(String, String)>,
     samples: Vec<(u64, i64)>,
     histograms: Vec<(Histogram, bool)>,
-    exemplars: Vec<(Vec<(String, String)>, u64, i64)>,
+    exemplars: Vec<(common::Labels, u64, i64)>,
 }
 
 fn arb_series() -> impl Strategy<Value = GenSeries> {
@@ -72,7 +106,12 @@ fn arb_series() -> impl Strategy<Value = GenSeries> {
         prop::collection::vec(arb_histogram(), 0..2),
         prop::collection::vec((arb_labels(), any::<u64>(), any::<i64>()), 0..2),
     )
-        .prop_map(|(labels, samples, histograms, exemplars)| GenSeries { labels, samples, histograms, exemplars })
+        .prop_map(|(labels, samples, histograms, exemplars)| GenSeries {
+            labels,
+            samples,
+            histograms,
+            exemplars,
+        })
 }
 
 /// The reference rules, written plainly.
@@ -96,13 +135,22 @@ fn series_valid(s: &GenSeries, v2: bool) -> bool {
 fn decode_ours(protocol: Protocol, raw: &[u8]) -> (Vec<OwnedSeries>, u32) {
     let mut batch = Batch::default();
     let mut reasons = RejectCounts::default();
-    decode(protocol, raw, &Limits::default(), &mut batch, &mut reasons).expect("valid protobuf decodes");
-    let d = Decoded { batch: &batch, body: raw };
+    decode(protocol, raw, &Limits::default(), &mut batch, &mut reasons)
+        .expect("valid protobuf decodes");
+    let d = Decoded {
+        batch: &batch,
+        body: raw,
+    };
     (common::from_batch(&d), batch.rejected.series)
 }
 
 fn label_pairs(l: &[(String, String)]) -> Vec<v1::Label> {
-    l.iter().map(|(n, v)| v1::Label { name: n.clone(), value: v.clone() }).collect()
+    l.iter()
+        .map(|(n, v)| v1::Label {
+            name: n.clone(),
+            value: v.clone(),
+        })
+        .collect()
 }
 
 proptest! {

@@ -26,13 +26,23 @@ fn golden_bodies_decode_to_expected_series() {
     let bless = std::env::var_os("PROMGATE_BLESS").is_some();
     for path in names {
         let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
-        let protocol = if stem.starts_with("v2_") { Protocol::V2 } else { Protocol::V1 };
+        let protocol = if stem.starts_with("v2_") {
+            Protocol::V2
+        } else {
+            Protocol::V1
+        };
         let compressed = std::fs::read(&path).unwrap();
-        let raw = snap::raw::Decoder::new().decompress_vec(&compressed).expect("golden body is snappy");
+        let raw = snap::raw::Decoder::new()
+            .decompress_vec(&compressed)
+            .expect("golden body is snappy");
         let mut batch = Batch::default();
         let mut reasons = RejectCounts::default();
-        decode(protocol, &raw, &Limits::default(), &mut batch, &mut reasons).expect("golden body decodes");
-        let decoded = Decoded { batch: &batch, body: &raw };
+        decode(protocol, &raw, &Limits::default(), &mut batch, &mut reasons)
+            .expect("golden body decodes");
+        let decoded = Decoded {
+            batch: &batch,
+            body: &raw,
+        };
         let series = common::from_batch(&decoded);
         let mut text = common::render(&series);
         for m in &batch.metadata {
@@ -71,7 +81,9 @@ fn golden_bodies_decode_to_expected_series() {
                     timeseries: req
                         .timeseries
                         .iter()
-                        .filter(|t| t.labels_refs.iter().all(|r| *r < n) && t.labels_refs.len() % 2 == 0)
+                        .filter(|t| {
+                            t.labels_refs.iter().all(|r| *r < n) && t.labels_refs.len() % 2 == 0
+                        })
                         .cloned()
                         .collect(),
                 };
@@ -79,12 +91,19 @@ fn golden_bodies_decode_to_expected_series() {
             }
         };
         for s in &series {
-            assert!(reference.contains(s), "{stem}: decoder kept a series prost does not have: {s:?}");
+            assert!(
+                reference.contains(s),
+                "{stem}: decoder kept a series prost does not have: {s:?}"
+            );
         }
         let total = match protocol {
             Protocol::V1 => v1::WriteRequest::decode(&raw[..]).unwrap().timeseries.len(),
             Protocol::V2 => v2::Request::decode(&raw[..]).unwrap().timeseries.len(),
         };
-        assert_eq!(series.len() + rj.series as usize, total, "{stem}: series unaccounted for");
+        assert_eq!(
+            series.len() + rj.series as usize,
+            total,
+            "{stem}: series unaccounted for"
+        );
     }
 }

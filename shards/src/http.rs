@@ -48,7 +48,9 @@ impl std::fmt::Display for HeadError {
         f.write_str(match self {
             HeadError::Malformed => "malformed HTTP request head",
             HeadError::BadContentLength => "invalid Content-Length",
-            HeadError::UnsupportedTransferEncoding => "unsupported Transfer-Encoding (only chunked)",
+            HeadError::UnsupportedTransferEncoding => {
+                "unsupported Transfer-Encoding (only chunked)"
+            }
         })
     }
 }
@@ -74,7 +76,10 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
         _ => Method::Other,
     };
     let full_path = req.path.ok_or(HeadError::Malformed)?.as_bytes();
-    let path_len = full_path.iter().position(|b| *b == b'?').unwrap_or(full_path.len());
+    let path_len = full_path
+        .iter()
+        .position(|b| *b == b'?')
+        .unwrap_or(full_path.len());
     let path = range_of(buf, &full_path[..path_len]);
     let mut head = Head {
         len,
@@ -150,7 +155,11 @@ const CHUNK_LINE_BYTES_MAX: usize = 1024;
 /// Decodes a complete chunked body from `input` into `out` (cleared first), or asks for
 /// more bytes. Re-run from the start when more input arrives: bodies here are small
 /// compared with the cost of the decode after them, and this keeps no state.
-pub fn dechunk(input: &[u8], out: &mut Vec<u8>, body_bytes_max: usize) -> Result<Chunked, ChunkedError> {
+pub fn dechunk(
+    input: &[u8],
+    out: &mut Vec<u8>,
+    body_bytes_max: usize,
+) -> Result<Chunked, ChunkedError> {
     out.clear();
     let mut pos = 0;
     loop {
@@ -162,7 +171,11 @@ pub fn dechunk(input: &[u8], out: &mut Vec<u8>, body_bytes_max: usize) -> Result
             };
         };
         let line = &input[pos..pos + line_end];
-        let size_part = line.split(|b| *b == b';').next().unwrap_or(&[]).trim_ascii();
+        let size_part = line
+            .split(|b| *b == b';')
+            .next()
+            .unwrap_or(&[])
+            .trim_ascii();
         let size_text = std::str::from_utf8(size_part).map_err(|_| ChunkedError::Malformed)?;
         let size = usize::from_str_radix(size_text, 16).map_err(|_| ChunkedError::Malformed)?;
         pos += line_end + 2;
@@ -231,7 +244,11 @@ pub fn write_response(
         let _ = write!(out, "{name}: {value}\r\n");
     }
     if status != 204 {
-        let _ = write!(out, "Content-Type: {content_type}\r\nContent-Length: {}\r\n", body.len());
+        let _ = write!(
+            out,
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
+            body.len()
+        );
     }
     if close {
         out.extend_from_slice(b"Connection: close\r\n");
@@ -263,7 +280,10 @@ Content-Type: application/x-protobuf\r\nContent-Length: 12\r\nUser-Agent: Promet
     #[test]
     fn partial_and_malformed_heads() {
         assert_eq!(parse_head(b"POST / HTTP/1.1\r\nHost: a\r\n"), Ok(None));
-        assert_eq!(parse_head(b"\x00\x01garbage\r\n\r\n"), Err(HeadError::Malformed));
+        assert_eq!(
+            parse_head(b"\x00\x01garbage\r\n\r\n"),
+            Err(HeadError::Malformed)
+        );
         assert_eq!(
             parse_head(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
             Err(HeadError::BadContentLength)
@@ -282,12 +302,30 @@ Content-Type: application/x-protobuf\r\nContent-Length: 12\r\nUser-Agent: Promet
         let mut out = Vec::new();
         let done = dechunk(input, &mut out, 1024).unwrap();
         assert_eq!(out, b"abcdefg");
-        assert_eq!(done, Chunked::Done { consumed: input.len() - 4 });
+        assert_eq!(
+            done,
+            Chunked::Done {
+                consumed: input.len() - 4
+            }
+        );
         for cut in 0..input.len() - 4 {
-            assert_eq!(dechunk(&input[..cut], &mut out, 1024), Ok(Chunked::NeedMore), "cut at {cut}");
+            assert_eq!(
+                dechunk(&input[..cut], &mut out, 1024),
+                Ok(Chunked::NeedMore),
+                "cut at {cut}"
+            );
         }
-        assert_eq!(dechunk(b"zz\r\n", &mut out, 1024), Err(ChunkedError::Malformed));
-        assert_eq!(dechunk(b"4\r\nabcdXX", &mut out, 1024), Err(ChunkedError::Malformed));
-        assert_eq!(dechunk(b"400\r\n", &mut out, 1000), Err(ChunkedError::TooLarge));
+        assert_eq!(
+            dechunk(b"zz\r\n", &mut out, 1024),
+            Err(ChunkedError::Malformed)
+        );
+        assert_eq!(
+            dechunk(b"4\r\nabcdXX", &mut out, 1024),
+            Err(ChunkedError::Malformed)
+        );
+        assert_eq!(
+            dechunk(b"400\r\n", &mut out, 1000),
+            Err(ChunkedError::TooLarge)
+        );
     }
 }

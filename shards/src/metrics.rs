@@ -9,7 +9,9 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Status codes the receive path can answer, in exposition order.
-pub const STATUSES: [u16; 13] = [200, 204, 400, 404, 405, 408, 411, 413, 415, 429, 431, 500, 503];
+pub const STATUSES: [u16; 13] = [
+    200, 204, 400, 404, 405, 408, 411, 413, 415, 429, 431, 500, 503,
+];
 
 /// Request-level refusals, labelled `reason` on `promgate_agent_receive_rejected_total`.
 pub const REQUEST_REJECTS: [&str; 11] = [
@@ -78,7 +80,14 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-fn per_shard(out: &mut String, name: &str, kind: &str, help: &str, shards: &[ShardMetrics], get: impl Fn(&ShardMetrics) -> &AtomicU64) {
+fn per_shard(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    shards: &[ShardMetrics],
+    get: impl Fn(&ShardMetrics) -> &AtomicU64,
+) {
     family(out, name, kind, help);
     for (i, m) in shards.iter().enumerate() {
         let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(m).load(Relaxed));
@@ -87,49 +96,164 @@ fn per_shard(out: &mut String, name: &str, kind: &str, help: &str, shards: &[Sha
 
 /// Renders every shard's metrics, plus process CPU and memory, in text format 0.0.4.
 pub fn render(shards: &[ShardMetrics], out: &mut String) {
-    family(out, "promgate_agent_receive_requests_total", "counter", "remote_write and other HTTP requests answered, by status code.");
+    family(
+        out,
+        "promgate_agent_receive_requests_total",
+        "counter",
+        "remote_write and other HTTP requests answered, by status code.",
+    );
     for (i, m) in shards.iter().enumerate() {
         for (j, code) in STATUSES.iter().enumerate() {
             let v = m.requests[j].load(Relaxed);
             if v > 0 {
-                let _ = writeln!(out, "promgate_agent_receive_requests_total{{shard=\"{i}\",code=\"{code}\"}} {v}");
+                let _ = writeln!(
+                    out,
+                    "promgate_agent_receive_requests_total{{shard=\"{i}\",code=\"{code}\"}} {v}"
+                );
             }
         }
     }
-    family(out, "promgate_agent_receive_rejected_total", "counter", "Requests refused as a whole, by reason.");
+    family(
+        out,
+        "promgate_agent_receive_rejected_total",
+        "counter",
+        "Requests refused as a whole, by reason.",
+    );
     for (i, m) in shards.iter().enumerate() {
         for (j, reason) in REQUEST_REJECTS.iter().enumerate() {
-            let _ = writeln!(out, "promgate_agent_receive_rejected_total{{shard=\"{i}\",reason=\"{reason}\"}} {}", m.request_rejects[j].load(Relaxed));
+            let _ = writeln!(
+                out,
+                "promgate_agent_receive_rejected_total{{shard=\"{i}\",reason=\"{reason}\"}} {}",
+                m.request_rejects[j].load(Relaxed)
+            );
         }
     }
-    per_shard(out, "promgate_agent_receive_bytes_total", "counter", "Compressed remote_write body bytes received.", shards, |m| &m.receive_bytes);
-    per_shard(out, "promgate_agent_decode_bytes_total", "counter", "Decompressed remote_write body bytes decoded.", shards, |m| &m.decode_bytes);
-    per_shard(out, "promgate_agent_decode_series_total", "counter", "Valid series decoded and accepted.", shards, |m| &m.series);
-    per_shard(out, "promgate_agent_decode_samples_total", "counter", "Float samples decoded and accepted.", shards, |m| &m.samples);
-    per_shard(out, "promgate_agent_decode_histograms_total", "counter", "Native histogram samples decoded and accepted.", shards, |m| &m.histograms);
-    per_shard(out, "promgate_agent_decode_exemplars_total", "counter", "Exemplars decoded and accepted.", shards, |m| &m.exemplars);
-    per_shard(out, "promgate_agent_decode_metadata_total", "counter", "Metric metadata entries decoded and accepted.", shards, |m| &m.metadata);
-    family(out, "promgate_agent_decode_series_rejected_total", "counter", "Series refused by validation, by reason.");
+    per_shard(
+        out,
+        "promgate_agent_receive_bytes_total",
+        "counter",
+        "Compressed remote_write body bytes received.",
+        shards,
+        |m| &m.receive_bytes,
+    );
+    per_shard(
+        out,
+        "promgate_agent_decode_bytes_total",
+        "counter",
+        "Decompressed remote_write body bytes decoded.",
+        shards,
+        |m| &m.decode_bytes,
+    );
+    per_shard(
+        out,
+        "promgate_agent_decode_series_total",
+        "counter",
+        "Valid series decoded and accepted.",
+        shards,
+        |m| &m.series,
+    );
+    per_shard(
+        out,
+        "promgate_agent_decode_samples_total",
+        "counter",
+        "Float samples decoded and accepted.",
+        shards,
+        |m| &m.samples,
+    );
+    per_shard(
+        out,
+        "promgate_agent_decode_histograms_total",
+        "counter",
+        "Native histogram samples decoded and accepted.",
+        shards,
+        |m| &m.histograms,
+    );
+    per_shard(
+        out,
+        "promgate_agent_decode_exemplars_total",
+        "counter",
+        "Exemplars decoded and accepted.",
+        shards,
+        |m| &m.exemplars,
+    );
+    per_shard(
+        out,
+        "promgate_agent_decode_metadata_total",
+        "counter",
+        "Metric metadata entries decoded and accepted.",
+        shards,
+        |m| &m.metadata,
+    );
+    family(
+        out,
+        "promgate_agent_decode_series_rejected_total",
+        "counter",
+        "Series refused by validation, by reason.",
+    );
     for (i, m) in shards.iter().enumerate() {
         for (j, reason) in Reject::ALL.iter().enumerate() {
-            let _ = writeln!(out, "promgate_agent_decode_series_rejected_total{{shard=\"{i}\",reason=\"{}\"}} {}", reason.as_str(), m.series_rejects[j].load(Relaxed));
+            let _ = writeln!(
+                out,
+                "promgate_agent_decode_series_rejected_total{{shard=\"{i}\",reason=\"{}\"}} {}",
+                reason.as_str(),
+                m.series_rejects[j].load(Relaxed)
+            );
         }
     }
-    family(out, "promgate_agent_decode_seconds", "histogram", "Time to decompress, decode and validate one request body.");
+    family(
+        out,
+        "promgate_agent_decode_seconds",
+        "histogram",
+        "Time to decompress, decode and validate one request body.",
+    );
     for (i, m) in shards.iter().enumerate() {
         let mut cumulative = 0;
         for (j, le) in DECODE_BUCKETS_S.iter().enumerate() {
             cumulative += m.decode_buckets[j].load(Relaxed);
-            let _ = writeln!(out, "promgate_agent_decode_seconds_bucket{{shard=\"{i}\",le=\"{le}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "promgate_agent_decode_seconds_bucket{{shard=\"{i}\",le=\"{le}\"}} {cumulative}"
+            );
         }
         let count = m.decode_count.load(Relaxed);
-        let _ = writeln!(out, "promgate_agent_decode_seconds_bucket{{shard=\"{i}\",le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "promgate_agent_decode_seconds_sum{{shard=\"{i}\"}} {}", m.decode_ns_sum.load(Relaxed) as f64 / 1e9);
-        let _ = writeln!(out, "promgate_agent_decode_seconds_count{{shard=\"{i}\"}} {count}");
+        let _ = writeln!(
+            out,
+            "promgate_agent_decode_seconds_bucket{{shard=\"{i}\",le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "promgate_agent_decode_seconds_sum{{shard=\"{i}\"}} {}",
+            m.decode_ns_sum.load(Relaxed) as f64 / 1e9
+        );
+        let _ = writeln!(
+            out,
+            "promgate_agent_decode_seconds_count{{shard=\"{i}\"}} {count}"
+        );
     }
-    per_shard(out, "promgate_agent_receive_connections", "gauge", "Open client connections.", shards, |m| &m.connections_open);
-    per_shard(out, "promgate_agent_receive_connections_total", "counter", "Client connections accepted.", shards, |m| &m.connections_total);
-    per_shard(out, "promgate_agent_receive_connections_rejected_total", "counter", "Connections refused at the per-shard limit.", shards, |m| &m.connections_rejected);
+    per_shard(
+        out,
+        "promgate_agent_receive_connections",
+        "gauge",
+        "Open client connections.",
+        shards,
+        |m| &m.connections_open,
+    );
+    per_shard(
+        out,
+        "promgate_agent_receive_connections_total",
+        "counter",
+        "Client connections accepted.",
+        shards,
+        |m| &m.connections_total,
+    );
+    per_shard(
+        out,
+        "promgate_agent_receive_connections_rejected_total",
+        "counter",
+        "Connections refused at the per-shard limit.",
+        shards,
+        |m| &m.connections_rejected,
+    );
     process(out);
 }
 
@@ -142,15 +266,42 @@ fn process(out: &mut String) {
         u
     };
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    family(out, "process_cpu_seconds_total", "counter", "User and system CPU time spent.");
-    let _ = writeln!(out, "process_cpu_seconds_total {}", secs(usage.ru_utime) + secs(usage.ru_stime));
+    family(
+        out,
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time spent.",
+    );
+    let _ = writeln!(
+        out,
+        "process_cpu_seconds_total {}",
+        secs(usage.ru_utime) + secs(usage.ru_stime)
+    );
     let page = 4096u64;
     let rss = std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .unwrap_or(0);
-    family(out, "process_resident_memory_bytes", "gauge", "Resident memory size.");
+    family(
+        out,
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size.",
+    );
     let _ = writeln!(out, "process_resident_memory_bytes {}", rss * page);
-    family(out, "process_max_resident_memory_bytes", "gauge", "Peak resident memory size.");
-    let _ = writeln!(out, "process_max_resident_memory_bytes {}", usage.ru_maxrss as u64 * 1024);
+    family(
+        out,
+        "process_max_resident_memory_bytes",
+        "gauge",
+        "Peak resident memory size.",
+    );
+    let _ = writeln!(
+        out,
+        "process_max_resident_memory_bytes {}",
+        usage.ru_maxrss as u64 * 1024
+    );
 }

@@ -71,7 +71,13 @@ pub struct ShardContext<S> {
 }
 
 impl<S> ShardContext<S> {
-    pub fn new(id: usize, config: ReceiveConfig, metrics: Arc<Vec<ShardMetrics>>, ready: Arc<AtomicBool>, sink: S) -> Self {
+    pub fn new(
+        id: usize,
+        config: ReceiveConfig,
+        metrics: Arc<Vec<ShardMetrics>>,
+        ready: Arc<AtomicBool>,
+        sink: S,
+    ) -> Self {
         ShardContext {
             id,
             config,
@@ -125,7 +131,14 @@ pub async fn serve<S: Sink + 'static>(listener: TcpListener, ctx: Rc<ShardContex
 async fn refuse(mut stream: TcpStream, retry_after_s: u32) {
     let mut out = Vec::new();
     let retry = retry_after_s.to_string();
-    http::write_response(&mut out, 503, &[("Retry-After", &retry)], "text/plain; charset=utf-8", b"too many connections on this shard\n", true);
+    http::write_response(
+        &mut out,
+        503,
+        &[("Retry-After", &retry)],
+        "text/plain; charset=utf-8",
+        b"too many connections on this shard\n",
+        true,
+    );
     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
     let _ = stream.write_all(&out).await;
 }
@@ -208,7 +221,8 @@ impl<S: Sink> Conn<S> {
             let grown = self.input.len() * 2;
             self.input.resize(grown, 0);
         }
-        self.stream.set_read_timeout(Some(Duration::from_millis(timeout_ms.max(1))))?;
+        self.stream
+            .set_read_timeout(Some(Duration::from_millis(timeout_ms.max(1))))?;
         let n = self.stream.read(&mut self.input[self.filled..]).await?;
         self.filled += n;
         Ok(n)
@@ -238,7 +252,11 @@ impl<S: Sink> Conn<S> {
     /// closed because its head was unusable).
     async fn read_head(&mut self) -> io::Result<Option<Head>> {
         let cfg = &self.ctx.config;
-        let (idle_ms, read_ms, header_max) = (cfg.idle_timeout_ms, cfg.read_timeout_ms, cfg.header_bytes_max);
+        let (idle_ms, read_ms, header_max) = (
+            cfg.idle_timeout_ms,
+            cfg.read_timeout_ms,
+            cfg.header_bytes_max,
+        );
         loop {
             if self.filled > 0 {
                 match http::parse_head(&self.input[..self.filled]) {
@@ -331,13 +349,21 @@ impl<S: Sink> Conn<S> {
         let body_max = self.ctx.config.body_bytes_max;
         if head.content_length.is_some_and(|n| n > body_max as u64) {
             metrics.request_reject("body_too_large");
-            let mut answer = Answer::new(413, format!("body of {} bytes is over the limit of {body_max}", head.content_length.unwrap_or(0)));
+            let mut answer = Answer::new(
+                413,
+                format!(
+                    "body of {} bytes is over the limit of {body_max}",
+                    head.content_length.unwrap_or(0)
+                ),
+            );
             answer.written = (protocol == Protocol::V2).then_some((0, 0, 0));
             answer.close |= !self.skip_body(head).await?;
             return Ok(answer);
         }
         if head.expect_continue {
-            self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+            self.stream
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await?;
         }
         let body = match self.read_body(head).await? {
             Ok(range) => range,
@@ -348,17 +374,34 @@ impl<S: Sink> Conn<S> {
         };
         let started = Instant::now();
         let body_len = body.1.len();
-        let answer = self.decode_and_sink(protocol, body.0, body.1, started).await;
+        let answer = self
+            .decode_and_sink(protocol, body.0, body.1, started)
+            .await;
         metrics.receive_bytes.fetch_add(body_len as u64, Relaxed);
         Ok(answer)
     }
 
-    async fn decode_and_sink(&mut self, protocol: Protocol, consumed: usize, body: std::ops::Range<usize>, started: Instant) -> Answer {
+    async fn decode_and_sink(
+        &mut self,
+        protocol: Protocol,
+        consumed: usize,
+        body: std::ops::Range<usize>,
+        started: Instant,
+    ) -> Answer {
         let ctx = self.ctx.clone();
         let metrics = ctx.metrics();
         let cfg = &ctx.config;
-        let compressed: &[u8] = if consumed == 0 { &self.chunked_body[body.clone()] } else { &self.input[body.clone()] };
-        let decoded_len = match remote_write::decompress(compressed, cfg.decoded_bytes_max, &mut self.snappy, &mut self.decoded) {
+        let compressed: &[u8] = if consumed == 0 {
+            &self.chunked_body[body.clone()]
+        } else {
+            &self.input[body.clone()]
+        };
+        let decoded_len = match remote_write::decompress(
+            compressed,
+            cfg.decoded_bytes_max,
+            &mut self.snappy,
+            &mut self.decoded,
+        ) {
             Ok(n) => n,
             Err(e) => {
                 self.finish_body(consumed);
@@ -367,7 +410,13 @@ impl<S: Sink> Conn<S> {
         };
         self.finish_body(consumed);
         let raw = &self.decoded[..decoded_len];
-        let result = decode(protocol, raw, &cfg.limits, &mut self.batch, &mut self.reasons);
+        let result = decode(
+            protocol,
+            raw,
+            &cfg.limits,
+            &mut self.batch,
+            &mut self.reasons,
+        );
         metrics.decode_time(started.elapsed().as_nanos() as u64);
         metrics.decode_bytes.fetch_add(decoded_len as u64, Relaxed);
         if let Err(e) = result {
@@ -375,7 +424,14 @@ impl<S: Sink> Conn<S> {
         }
         let counts = self.batch.counts();
         if !self.batch.is_empty() {
-            if let Err(e) = ctx.sink.write(Decoded { batch: &self.batch, body: raw }).await {
+            if let Err(e) = ctx
+                .sink
+                .write(Decoded {
+                    batch: &self.batch,
+                    body: raw,
+                })
+                .await
+            {
                 metrics.request_reject("sink_unavailable");
                 let mut a = Answer::new(503, e.to_string());
                 a.retry_after_s = Some(match e {
@@ -391,7 +447,11 @@ impl<S: Sink> Conn<S> {
         metrics.histograms.fetch_add(counts.histograms, Relaxed);
         metrics.exemplars.fetch_add(counts.exemplars, Relaxed);
         metrics.metadata.fetch_add(counts.metadata, Relaxed);
-        let written = (protocol == Protocol::V2).then_some((counts.samples, counts.histograms, counts.exemplars));
+        let written = (protocol == Protocol::V2).then_some((
+            counts.samples,
+            counts.histograms,
+            counts.exemplars,
+        ));
         let rj = &self.batch.rejected;
         if rj.series == 0 {
             let mut a = Answer::new(204, "");
@@ -432,12 +492,19 @@ impl<S: Sink> Conn<S> {
     /// Reads a whole body. Returns (bytes of input to consume after use, or 0 when the
     /// body was de-chunked into `chunked_body`; the body's range), or the answer that
     /// refuses it.
-    async fn read_body(&mut self, head: &Head) -> io::Result<Result<(usize, std::ops::Range<usize>), Answer>> {
+    async fn read_body(
+        &mut self,
+        head: &Head,
+    ) -> io::Result<Result<(usize, std::ops::Range<usize>), Answer>> {
         let body_max = self.ctx.config.body_bytes_max;
         let read_ms = self.ctx.config.read_timeout_ms;
         if head.chunked {
             loop {
-                match http::dechunk(&self.input[head.len..self.filled], &mut self.chunked_body, body_max) {
+                match http::dechunk(
+                    &self.input[head.len..self.filled],
+                    &mut self.chunked_body,
+                    body_max,
+                ) {
                     Ok(Chunked::Done { consumed }) => {
                         self.consume(head.len + consumed);
                         let n = self.chunked_body.len();
@@ -446,7 +513,10 @@ impl<S: Sink> Conn<S> {
                     Ok(Chunked::NeedMore) => {}
                     Err(ChunkedError::TooLarge) => {
                         self.ctx.metrics().request_reject("body_too_large");
-                        let mut a = Answer::new(413, format!("chunked body over the limit of {body_max} bytes"));
+                        let mut a = Answer::new(
+                            413,
+                            format!("chunked body over the limit of {body_max} bytes"),
+                        );
                         a.close = true;
                         return Ok(Err(a));
                     }
@@ -478,7 +548,10 @@ impl<S: Sink> Conn<S> {
     /// One more read within a request. `Ok(Err(()))` means the read timed out.
     async fn read_more(&mut self, timeout_ms: u64) -> io::Result<Result<(), ()>> {
         match self.fill(timeout_ms).await {
-            Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client closed mid-request")),
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "client closed mid-request",
+            )),
             Ok(_) => Ok(Ok(())),
             Err(e) if e.kind() == io::ErrorKind::TimedOut => Ok(Err(())),
             Err(e) => Err(e),
@@ -531,7 +604,10 @@ impl<S: Sink> Conn<S> {
         let mut headers: Vec<(&str, String)> = Vec::new();
         if let Some((s, h, e)) = a.written {
             headers.push(("X-Prometheus-Remote-Write-Samples-Written", s.to_string()));
-            headers.push(("X-Prometheus-Remote-Write-Histograms-Written", h.to_string()));
+            headers.push((
+                "X-Prometheus-Remote-Write-Histograms-Written",
+                h.to_string(),
+            ));
             headers.push(("X-Prometheus-Remote-Write-Exemplars-Written", e.to_string()));
         }
         if let Some(r) = a.retry_after_s {
@@ -551,7 +627,9 @@ impl<S: Sink> Conn<S> {
             "text/plain; charset=utf-8"
         };
         http::write_response(&mut self.out, a.status, &refs, content_type, &body, close);
-        self.stream.set_write_timeout(Some(Duration::from_millis(self.ctx.config.write_timeout_ms.max(1))))?;
+        self.stream.set_write_timeout(Some(Duration::from_millis(
+            self.ctx.config.write_timeout_ms.max(1),
+        )))?;
         self.stream.write_all(&self.out).await?;
         self.stream.flush().await
     }

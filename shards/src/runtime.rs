@@ -39,7 +39,9 @@ pub fn allowed_cpus() -> Vec<usize> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
         }
-        (0..libc::CPU_SETSIZE as usize).filter(|c| libc::CPU_ISSET(*c, &set)).collect()
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|c| libc::CPU_ISSET(*c, &set))
+            .collect()
     }
 }
 
@@ -61,8 +63,8 @@ pub fn preflight() -> anyhow::Result<()> {
     }
     // Set up and tear down one small ring to learn whether the kernel allows it.
     let mut params = [0u32; 30]; // struct io_uring_params is 120 bytes
-    // SAFETY: io_uring_setup reads and writes the 120-byte params block we own and
-    // returns a new file descriptor, which we close.
+                                 // SAFETY: io_uring_setup reads and writes the 120-byte params block we own and
+                                 // returns a new file descriptor, which we close.
     let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr()) };
     if fd >= 0 {
         // SAFETY: fd is a descriptor we just received and own.
@@ -110,7 +112,10 @@ where
     S: Sink + 'static,
     F: Fn(usize) -> S + Send + Sync + 'static,
 {
-    assert!(opts.shards > 0, "shards must be positive (checked at config load)");
+    assert!(
+        opts.shards > 0,
+        "shards must be positive (checked at config load)"
+    );
     preflight()?;
     // Probe the address without SO_REUSEPORT: this fails if anything else holds it
     // (so two agents never silently split one port), and resolves port 0.
@@ -120,7 +125,8 @@ where
         probe.local_addr()?
     };
     let cpus = allowed_cpus();
-    let metrics: Arc<Vec<ShardMetrics>> = Arc::new((0..opts.shards).map(|_| ShardMetrics::default()).collect());
+    let metrics: Arc<Vec<ShardMetrics>> =
+        Arc::new((0..opts.shards).map(|_| ShardMetrics::default()).collect());
     let ready = Arc::new(AtomicBool::new(false));
     let make_sink = Arc::new(make_sink);
     let mut handles = Vec::with_capacity(opts.shards);
@@ -145,7 +151,11 @@ where
                 };
                 let sink = make_sink(id);
                 let _ = tx.send(Ok(()));
-                serve(listener, Rc::new(ShardContext::new(id, config, metrics, ready, sink))).await;
+                serve(
+                    listener,
+                    Rc::new(ShardContext::new(id, config, metrics, ready, sink)),
+                )
+                .await;
             })
             .map_err(|e| anyhow!("cannot start shard {id}: {e}; {}", hint()))?;
         handles.push(handle);
@@ -168,7 +178,11 @@ where
     }
     ready.store(true, Relaxed);
     tracing::info!(%addr, shards = opts.shards, "agent listening");
-    Ok(Started { addr, metrics, handles })
+    Ok(Started {
+        addr,
+        metrics,
+        handles,
+    })
 }
 
 fn hint() -> &'static str {

@@ -21,7 +21,9 @@ pub enum SinkError {
 impl std::fmt::Display for SinkError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SinkError::Full { retry_after_s } => write!(f, "agent is full; retry after {retry_after_s}s"),
+            SinkError::Full { retry_after_s } => {
+                write!(f, "agent is full; retry after {retry_after_s}s")
+            }
             SinkError::Failed(e) => write!(f, "write failed: {e}"),
         }
     }
@@ -42,7 +44,8 @@ pub struct CountingSink {
 impl Sink for CountingSink {
     async fn write(&self, batch: Decoded<'_>) -> Result<(), SinkError> {
         self.batches.set(self.batches.get() + 1);
-        self.samples.set(self.samples.get() + batch.batch.samples.len() as u64);
+        self.samples
+            .set(self.samples.get() + batch.batch.samples.len() as u64);
         Ok(())
     }
 }

@@ -1,17 +1,20 @@
 //! Shared by the decoder tests: an owning view of a decoded batch, built two ways
 //! (from the in-place decoder, and from prost's decode of the same bytes).
+#![allow(dead_code)]
 
 use promgate_proto::batch::{Count, Decoded};
 use promgate_proto::messages::{self, v1, v2};
 
+pub type Labels = Vec<(String, String)>;
+
 #[derive(Debug, PartialEq, Clone)]
 pub struct OwnedSeries {
-    pub labels: Vec<(String, String)>,
+    pub labels: Labels,
     /// (timestamp, value bits, start timestamp)
     pub samples: Vec<(i64, u64, i64)>,
     pub histograms: Vec<String>,
     /// (labels, value bits, timestamp)
-    pub exemplars: Vec<(Vec<(String, String)>, u64, i64)>,
+    pub exemplars: Vec<(Labels, u64, i64)>,
     /// (type, help, unit) for 2.0 series metadata.
     pub metadata: Option<(i32, String, String)>,
 }
@@ -95,7 +98,8 @@ pub fn histogram_string(h: &messages::Histogram) -> String {
         Some(Z::ZeroCountInt(c)) => format!("int:{c}"),
         Some(Z::ZeroCountFloat(c)) => format!("float:{:x}", c.to_bits()),
     };
-    let spans = |s: &[messages::BucketSpan]| s.iter().map(|s| (s.offset, s.length)).collect::<Vec<_>>();
+    let spans =
+        |s: &[messages::BucketSpan]| s.iter().map(|s| (s.offset, s.length)).collect::<Vec<_>>();
     let floats = |f: &[f64]| f.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
     format!(
         "ts={} count={count} sum={:x} schema={} zt={:x} zero={zero} ns={:?} nd={:?} nc={:?} ps={:?} pd={:?} pc={:?} reset={} cv={:?}",
@@ -118,15 +122,26 @@ pub fn from_prost_v1(req: &v1::WriteRequest) -> Vec<OwnedSeries> {
     req.timeseries
         .iter()
         .map(|ts| OwnedSeries {
-            labels: ts.labels.iter().map(|l| (l.name.clone(), l.value.clone())).collect(),
-            samples: ts.samples.iter().map(|s| (s.timestamp, s.value.to_bits(), 0)).collect(),
+            labels: ts
+                .labels
+                .iter()
+                .map(|l| (l.name.clone(), l.value.clone()))
+                .collect(),
+            samples: ts
+                .samples
+                .iter()
+                .map(|s| (s.timestamp, s.value.to_bits(), 0))
+                .collect(),
             histograms: ts.histograms.iter().map(histogram_string).collect(),
             exemplars: ts
                 .exemplars
                 .iter()
                 .map(|e| {
                     (
-                        e.labels.iter().map(|l| (l.name.clone(), l.value.clone())).collect(),
+                        e.labels
+                            .iter()
+                            .map(|l| (l.name.clone(), l.value.clone()))
+                            .collect(),
                         e.value.to_bits(),
                         e.timestamp,
                     )
@@ -139,7 +154,11 @@ pub fn from_prost_v1(req: &v1::WriteRequest) -> Vec<OwnedSeries> {
 
 pub fn from_prost_v2(req: &v2::Request) -> Vec<OwnedSeries> {
     let sym = |r: u32| req.symbols[r as usize].clone();
-    let pairs = |refs: &[u32]| refs.chunks(2).map(|p| (sym(p[0]), sym(p[1]))).collect::<Vec<_>>();
+    let pairs = |refs: &[u32]| {
+        refs.chunks(2)
+            .map(|p| (sym(p[0]), sym(p[1])))
+            .collect::<Vec<_>>()
+    };
     req.timeseries
         .iter()
         .map(|ts| OwnedSeries {
@@ -148,7 +167,11 @@ pub fn from_prost_v2(req: &v2::Request) -> Vec<OwnedSeries> {
                 .samples
                 .iter()
                 .map(|s| {
-                    let start = if s.start_timestamp != 0 { s.start_timestamp } else { ts.created_timestamp };
+                    let start = if s.start_timestamp != 0 {
+                        s.start_timestamp
+                    } else {
+                        ts.created_timestamp
+                    };
                     (s.timestamp, s.value.to_bits(), start)
                 })
                 .collect(),
@@ -158,7 +181,10 @@ pub fn from_prost_v2(req: &v2::Request) -> Vec<OwnedSeries> {
                 .iter()
                 .map(|e| (pairs(&e.labels_refs), e.value.to_bits(), e.timestamp))
                 .collect(),
-            metadata: ts.metadata.as_ref().map(|m| (m.r#type, sym(m.help_ref), sym(m.unit_ref))),
+            metadata: ts
+                .metadata
+                .as_ref()
+                .map(|m| (m.r#type, sym(m.help_ref), sym(m.unit_ref))),
         })
         .collect()
 }
@@ -170,17 +196,26 @@ pub fn render(series: &[OwnedSeries]) -> String {
         let labels: Vec<String> = s.labels.iter().map(|(n, v)| format!("{n}={v:?}")).collect();
         out.push_str(&format!("series {{{}}}\n", labels.join(", ")));
         for (ts, bits, start) in &s.samples {
-            out.push_str(&format!("  sample ts={ts} value={} bits={bits:016x} start={start}\n", f64::from_bits(*bits)));
+            out.push_str(&format!(
+                "  sample ts={ts} value={} bits={bits:016x} start={start}\n",
+                f64::from_bits(*bits)
+            ));
         }
         for h in &s.histograms {
             out.push_str(&format!("  histogram {h}\n"));
         }
         for (labels, bits, ts) in &s.exemplars {
             let l: Vec<String> = labels.iter().map(|(n, v)| format!("{n}={v:?}")).collect();
-            out.push_str(&format!("  exemplar {{{}}} value={} ts={ts}\n", l.join(", "), f64::from_bits(*bits)));
+            out.push_str(&format!(
+                "  exemplar {{{}}} value={} ts={ts}\n",
+                l.join(", "),
+                f64::from_bits(*bits)
+            ));
         }
         if let Some((kind, help, unit)) = &s.metadata {
-            out.push_str(&format!("  metadata type={kind} help={help:?} unit={unit:?}\n"));
+            out.push_str(&format!(
+                "  metadata type={kind} help={help:?} unit={unit:?}\n"
+            ));
         }
     }
     out
