@@ -286,7 +286,7 @@ fn v1_series(
         },
         metadata: METADATA_NONE,
     };
-    let verdict = check_labels(body, &batch.labels[labels.range()], limits)
+    let verdict = check_labels(body, &batch.labels[labels.range()], limits, false)
         .and_then(|_| bad_exemplar.map_or(Ok(()), Err))
         .and_then(|_| check_histograms(batch, series.histograms));
     finish_series(body, batch, reasons, mark, series, verdict, index);
@@ -721,7 +721,7 @@ fn v2_series(
     }
     let verdict = match bad {
         Some(reason) => Err(reason),
-        None => check_labels(body, &batch.labels[labels.range()], limits)
+        None => check_labels(body, &batch.labels[labels.range()], limits, true)
             .and_then(|_| check_histograms(batch, series.histograms)),
     };
     finish_series(body, batch, reasons, mark, series, verdict, index);
@@ -807,7 +807,14 @@ fn describe(body: &[u8], labels: &[LabelRef], reason: Reject, index: u32) -> Str
 
 /// Series labels: `__name__` present, names and values non-empty, names strictly
 /// increasing (sorted and unique), UTF-8, within limits.
-fn check_labels(body: &[u8], labels: &[LabelRef], limits: &Limits) -> Result<(), Reject> {
+/// `utf8_checked`: the spans are already known to be UTF-8 (2.0 symbols are checked
+/// once each when the table is read, instead of once per use).
+fn check_labels(
+    body: &[u8],
+    labels: &[LabelRef],
+    limits: &Limits,
+    utf8_checked: bool,
+) -> Result<(), Reject> {
     if labels.len() > limits.labels_per_series_max as usize {
         return Err(Reject::TooManyLabels);
     }
@@ -835,7 +842,7 @@ fn check_labels(body: &[u8], labels: &[LabelRef], limits: &Limits) -> Result<(),
         if name == METRIC_NAME {
             has_name = true;
         }
-        if std::str::from_utf8(name).is_err() || std::str::from_utf8(value).is_err() {
+        if !utf8_checked && !(is_utf8(name) && is_utf8(value)) {
             return Err(Reject::InvalidUtf8);
         }
         prev = name;
@@ -844,6 +851,13 @@ fn check_labels(body: &[u8], labels: &[LabelRef], limits: &Limits) -> Result<(),
         return Err(Reject::MissingName);
     }
     Ok(())
+}
+
+/// Label text is nearly always ASCII; checking that first is cheaper than a full UTF-8
+/// validation call per short string.
+#[inline]
+fn is_utf8(b: &[u8]) -> bool {
+    b.is_ascii() || std::str::from_utf8(b).is_ok()
 }
 
 /// Exemplar labels may be empty as a set, but each must be a proper UTF-8 pair.
