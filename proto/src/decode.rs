@@ -842,7 +842,7 @@ fn check_labels(
         if name == METRIC_NAME {
             has_name = true;
         }
-        if !utf8_checked && !(is_utf8(name) && is_utf8(value)) {
+        if !(utf8_checked || is_utf8(name) && is_utf8(value)) {
             return Err(Reject::InvalidUtf8);
         }
         prev = name;
