@@ -538,3 +538,32 @@ fn check_config_accepts_the_shipped_file_and_names_bad_keys() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("receive.body_bytes_max"));
 }
+
+#[test]
+fn too_little_locked_memory_exits_with_one_clear_line() {
+    let dir = common::temp_dir("memlock");
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -l 64 && exec {} agent --listen 127.0.0.1:{} --data-dir {}",
+            env!("CARGO_BIN_EXE_promgate"),
+            common::free_port(),
+            dir.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the agent must not run without enough locked memory"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("promgate: error:"))
+        .unwrap_or_else(|| panic!("no error line in {stderr}"));
+    assert!(line.contains("locked-memory limit is 64 KiB"), "{line}");
+    assert!(
+        line.contains("ulimit -l unlimited") && line.contains("LimitMEMLOCK=infinity"),
+        "{line}"
+    );
+}

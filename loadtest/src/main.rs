@@ -154,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .map(|(conn_id, conn)| {
             let cfg = WorkerConfig {
                 conn_id,
+                connections,
                 target: target.clone(),
                 protocol,
                 params,

@@ -49,6 +49,8 @@ impl Shared {
 /// Everything one connection needs.
 pub struct WorkerConfig {
     pub conn_id: usize,
+    /// Number of connections, to spread their paced sends evenly over each interval.
+    pub connections: usize,
     pub target: Arc<Target>,
     pub protocol: Protocol,
     pub params: GenParams,
@@ -152,6 +154,16 @@ pub fn run(
     ready.wait();
     let t0 = Instant::now();
     let deadline = t0 + cfg.duration;
+    // With --rate, connection i starts i/N of one request interval late, so the N
+    // connections' sends interleave instead of arriving together as a burst.
+    let phase = if cfg.rate_samples_per_s > 0.0 {
+        let interval_s = (cfg.series_per_request * cfg.params.samples_per_series) as f64
+            / cfg.rate_samples_per_s;
+        Duration::from_secs_f64(interval_s * cfg.conn_id as f64 / cfg.connections.max(1) as f64)
+    } else {
+        Duration::ZERO
+    };
+    let t0 = t0 + phase;
     let mut scheduled_samples = 0u64;
     let (mut round, mut budget_used_up) = (0u64, false);
     'run: while !bodies.is_empty() {
