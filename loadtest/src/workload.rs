@@ -71,6 +71,12 @@ const LE_BUCKETS: [&str; 12] = [
 /// remote_write 2.0 metadata type per family: COUNTER, COUNTER, GAUGE, HISTOGRAM.
 const FAMILY_METRIC_TYPE: [u8; 4] = [1, 1, 2, 3];
 
+/// Prometheus's staleness marker: a NaN with this exact bit pattern.
+pub const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
+/// Every this-many-th series gets a staleness marker every [`STALE_ROUND_EVERY`] rounds.
+const STALE_SERIES_EVERY: u64 = 5;
+const STALE_ROUND_EVERY: u64 = 16;
+
 /// A label as (name, value).
 pub type Label = (String, String);
 
@@ -302,6 +308,11 @@ pub fn sample_timestamp_ms(
 /// Value of sample `sample` of series `series` in round `round`: a counter that grows by a
 /// per-series step (a multiple of 0.5, so exactly representable) every sample.
 pub fn sample_value(series: u64, round: u64, samples_per_series: usize, sample: usize) -> f64 {
+    // A deterministic sprinkling of Prometheus staleness markers, so receivers are
+    // checked for carrying that exact NaN payload through.
+    if series % STALE_SERIES_EVERY == 0 && (round + sample as u64) % STALE_ROUND_EVERY == STALE_ROUND_EVERY - 1 {
+        return f64::from_bits(STALE_NAN_BITS);
+    }
     let step = (series.wrapping_mul(7919) % 97 + 1) as f64 * 0.5;
     (round * samples_per_series as u64 + sample as u64 + 1) as f64 * step
 }

@@ -51,6 +51,8 @@ pub const METADATA_NONE: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Series {
+    /// Position of this series in the request (counting refused ones too).
+    pub index: u32,
     /// Into [`Batch::labels`]; sorted by name, validated.
     pub labels: Run,
     pub samples: Run,
@@ -157,6 +159,8 @@ pub struct Rejected {
     pub exemplars: u32,
     /// A short description of the first offending series, formatted when it was found.
     pub first: Option<String>,
+    /// Positions of the refused series in the request, ascending.
+    pub indexes: Vec<u32>,
 }
 
 /// Which schema a body was decoded with.

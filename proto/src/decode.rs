@@ -274,6 +274,7 @@ fn v1_series(
         }
     }
     let series = Series {
+        index,
         labels,
         samples,
         histograms: Run {
@@ -687,6 +688,7 @@ fn v2_series(
         }
     }
     let mut series = Series {
+        index,
         labels,
         samples: Run {
             start: samples_start,
@@ -746,13 +748,14 @@ fn finish_series(
     index: u32,
 ) {
     match verdict {
-        Ok(()) => batch.series.push(series),
+        Ok(()) => batch.series.push(Series { index, ..series }),
         Err(reason) => {
             let rj = &mut batch.rejected;
             rj.series += 1;
             rj.samples += series.samples.len() as u32;
             rj.histograms += series.histograms.len() as u32;
             rj.exemplars += series.exemplars.len() as u32;
+            rj.indexes.push(index);
             reasons.0[reason as usize] += 1;
             if rj.first.is_none() {
                 rj.first = Some(describe(

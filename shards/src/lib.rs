@@ -6,3 +6,4 @@ pub mod metrics;
 pub mod receive;
 pub mod runtime;
 pub mod sink;
+pub mod wal;

@@ -1,17 +1,15 @@
 //! Per-shard telemetry and its Prometheus text exposition.
 //!
 //! Each shard owns one [`ShardMetrics`] and is its only writer (relaxed atomics, updated
-//! once per request, never per sample); `/metrics` on any shard reads all of them. This
-//! is the one piece of memory shards share, and it is write-by-owner only.
+//! once per request or commit, never per sample); `/metrics` on any shard reads all of
+//! them. This is the one piece of memory shards share, and it is write-by-owner only.
 
 use promgate_proto::Reject;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Status codes the receive path can answer, in exposition order.
-pub const STATUSES: [u16; 13] = [
-    200, 204, 400, 404, 405, 408, 411, 413, 415, 429, 431, 500, 503,
-];
+pub const STATUSES: [u16; 13] = [200, 204, 400, 404, 405, 408, 411, 413, 415, 429, 431, 500, 503];
 
 /// Request-level refusals, labelled `reason` on `promgate_agent_receive_rejected_total`.
 pub const REQUEST_REJECTS: [&str; 11] = [
@@ -28,12 +26,95 @@ pub const REQUEST_REJECTS: [&str; 11] = [
     "partial",
 ];
 
-/// Upper bounds of the decode-time histogram buckets, in seconds.
-pub const DECODE_BUCKETS_S: [f64; 12] = [
-    0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-];
+/// Upper bounds of the time histograms' buckets (decode, fsync), in seconds.
+pub const SECONDS_BUCKETS: [f64; 14] =
+    [0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+/// Upper bounds of the group-commit size histogram, in records per fsync.
+pub const RECORDS_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
-#[derive(Default)]
+/// A fixed-bucket histogram written by one shard.
+pub struct Histogram<const N: usize> {
+    bounds: &'static [f64; N],
+    buckets: [AtomicU64; N],
+    count: AtomicU64,
+    /// Sum in millionths of the unit, to keep it an integer.
+    sum_micro: AtomicU64,
+}
+
+impl<const N: usize> Histogram<N> {
+    pub const fn new(bounds: &'static [f64; N]) -> Self {
+        Histogram {
+            bounds,
+            buckets: [const { AtomicU64::new(0) }; N],
+            count: AtomicU64::new(0),
+            sum_micro: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micro.fetch_add((v * 1e6) as u64, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, shard: usize) {
+        let mut cumulative = 0;
+        for (b, le) in self.buckets.iter().zip(self.bounds.iter()) {
+            cumulative += b.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{shard=\"{shard}\",le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {}", self.sum_micro.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {count}");
+    }
+}
+
+/// The write-ahead log's telemetry, one per shard.
+pub struct WalMetrics {
+    pub bytes: AtomicU64,
+    pub segments: AtomicU64,
+    pub appended_records: AtomicU64,
+    pub appended_bytes: AtomicU64,
+    pub fsync_seconds: Histogram<{ SECONDS_BUCKETS.len() }>,
+    pub commit_records: Histogram<{ RECORDS_BUCKETS.len() }>,
+    pub backpressure: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub recovered_records: AtomicU64,
+    pub recovered_segments: AtomicU64,
+    pub corrupt_records: AtomicU64,
+    pub torn_tail_bytes: AtomicU64,
+    pub truncated_segments: AtomicU64,
+    pub retention_dropped_records: AtomicU64,
+}
+
+impl Default for WalMetrics {
+    fn default() -> Self {
+        WalMetrics {
+            bytes: AtomicU64::new(0),
+            segments: AtomicU64::new(0),
+            appended_records: AtomicU64::new(0),
+            appended_bytes: AtomicU64::new(0),
+            fsync_seconds: Histogram::new(&SECONDS_BUCKETS),
+            commit_records: Histogram::new(&RECORDS_BUCKETS),
+            backpressure: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            recovered_records: AtomicU64::new(0),
+            recovered_segments: AtomicU64::new(0),
+            corrupt_records: AtomicU64::new(0),
+            torn_tail_bytes: AtomicU64::new(0),
+            truncated_segments: AtomicU64::new(0),
+            retention_dropped_records: AtomicU64::new(0),
+        }
+    }
+}
+
 pub struct ShardMetrics {
     pub requests: [AtomicU64; STATUSES.len()],
     pub request_rejects: [AtomicU64; REQUEST_REJECTS.len()],
@@ -45,12 +126,33 @@ pub struct ShardMetrics {
     pub histograms: AtomicU64,
     pub exemplars: AtomicU64,
     pub metadata: AtomicU64,
-    pub decode_buckets: [AtomicU64; DECODE_BUCKETS_S.len()],
-    pub decode_count: AtomicU64,
-    pub decode_ns_sum: AtomicU64,
+    pub decode_seconds: Histogram<{ SECONDS_BUCKETS.len() }>,
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
     pub connections_rejected: AtomicU64,
+    pub wal: WalMetrics,
+}
+
+impl Default for ShardMetrics {
+    fn default() -> Self {
+        ShardMetrics {
+            requests: Default::default(),
+            request_rejects: Default::default(),
+            series_rejects: Default::default(),
+            receive_bytes: AtomicU64::new(0),
+            decode_bytes: AtomicU64::new(0),
+            series: AtomicU64::new(0),
+            samples: AtomicU64::new(0),
+            histograms: AtomicU64::new(0),
+            exemplars: AtomicU64::new(0),
+            metadata: AtomicU64::new(0),
+            decode_seconds: Histogram::new(&SECONDS_BUCKETS),
+            connections_open: AtomicU64::new(0),
+            connections_total: AtomicU64::new(0),
+            connections_rejected: AtomicU64::new(0),
+            wal: WalMetrics::default(),
+        }
+    }
 }
 
 impl ShardMetrics {
@@ -67,12 +169,7 @@ impl ShardMetrics {
     }
 
     pub fn decode_time(&self, ns: u64) {
-        let s = ns as f64 / 1e9;
-        if let Some(i) = DECODE_BUCKETS_S.iter().position(|b| s <= *b) {
-            self.decode_buckets[i].fetch_add(1, Relaxed);
-        }
-        self.decode_count.fetch_add(1, Relaxed);
-        self.decode_ns_sum.fetch_add(ns, Relaxed);
+        self.decode_seconds.observe(ns as f64 / 1e9);
     }
 }
 
@@ -94,158 +191,72 @@ fn per_shard(
     }
 }
 
+fn histogram<const N: usize>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    shards: &[ShardMetrics],
+    get: impl Fn(&ShardMetrics) -> &Histogram<N>,
+) {
+    family(out, name, "histogram", help);
+    for (i, m) in shards.iter().enumerate() {
+        get(m).render(out, name, i);
+    }
+}
+
 /// Renders every shard's metrics, plus process CPU and memory, in text format 0.0.4.
 pub fn render(shards: &[ShardMetrics], out: &mut String) {
-    family(
-        out,
-        "promgate_agent_receive_requests_total",
-        "counter",
-        "remote_write and other HTTP requests answered, by status code.",
-    );
+    let name = "promgate_agent_receive_requests_total";
+    family(out, name, "counter", "remote_write and other HTTP requests answered, by status code.");
     for (i, m) in shards.iter().enumerate() {
         for (j, code) in STATUSES.iter().enumerate() {
             let v = m.requests[j].load(Relaxed);
             if v > 0 {
-                let _ = writeln!(
-                    out,
-                    "promgate_agent_receive_requests_total{{shard=\"{i}\",code=\"{code}\"}} {v}"
-                );
+                let _ = writeln!(out, "{name}{{shard=\"{i}\",code=\"{code}\"}} {v}");
             }
         }
     }
-    family(
-        out,
-        "promgate_agent_receive_rejected_total",
-        "counter",
-        "Requests refused as a whole, by reason.",
-    );
+    let name = "promgate_agent_receive_rejected_total";
+    family(out, name, "counter", "Requests refused as a whole, by reason.");
     for (i, m) in shards.iter().enumerate() {
         for (j, reason) in REQUEST_REJECTS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "promgate_agent_receive_rejected_total{{shard=\"{i}\",reason=\"{reason}\"}} {}",
-                m.request_rejects[j].load(Relaxed)
-            );
+            let v = m.request_rejects[j].load(Relaxed);
+            let _ = writeln!(out, "{name}{{shard=\"{i}\",reason=\"{reason}\"}} {v}");
         }
     }
-    per_shard(
-        out,
-        "promgate_agent_receive_bytes_total",
-        "counter",
-        "Compressed remote_write body bytes received.",
-        shards,
-        |m| &m.receive_bytes,
-    );
-    per_shard(
-        out,
-        "promgate_agent_decode_bytes_total",
-        "counter",
-        "Decompressed remote_write body bytes decoded.",
-        shards,
-        |m| &m.decode_bytes,
-    );
-    per_shard(
-        out,
-        "promgate_agent_decode_series_total",
-        "counter",
-        "Valid series decoded and accepted.",
-        shards,
-        |m| &m.series,
-    );
-    per_shard(
-        out,
-        "promgate_agent_decode_samples_total",
-        "counter",
-        "Float samples decoded and accepted.",
-        shards,
-        |m| &m.samples,
-    );
-    per_shard(
-        out,
-        "promgate_agent_decode_histograms_total",
-        "counter",
-        "Native histogram samples decoded and accepted.",
-        shards,
-        |m| &m.histograms,
-    );
-    per_shard(
-        out,
-        "promgate_agent_decode_exemplars_total",
-        "counter",
-        "Exemplars decoded and accepted.",
-        shards,
-        |m| &m.exemplars,
-    );
-    per_shard(
-        out,
-        "promgate_agent_decode_metadata_total",
-        "counter",
-        "Metric metadata entries decoded and accepted.",
-        shards,
-        |m| &m.metadata,
-    );
-    family(
-        out,
-        "promgate_agent_decode_series_rejected_total",
-        "counter",
-        "Series refused by validation, by reason.",
-    );
+    let counters: [(&str, &str, fn(&ShardMetrics) -> &AtomicU64); 7] = [
+        ("promgate_agent_receive_bytes_total", "Compressed remote_write body bytes received.", |m| &m.receive_bytes),
+        ("promgate_agent_decode_bytes_total", "Decompressed remote_write body bytes decoded.", |m| &m.decode_bytes),
+        ("promgate_agent_decode_series_total", "Valid series decoded and accepted.", |m| &m.series),
+        ("promgate_agent_decode_samples_total", "Float samples decoded and accepted.", |m| &m.samples),
+        ("promgate_agent_decode_histograms_total", "Native histogram samples decoded and accepted.", |m| &m.histograms),
+        ("promgate_agent_decode_exemplars_total", "Exemplars decoded and accepted.", |m| &m.exemplars),
+        ("promgate_agent_decode_metadata_total", "Metric metadata entries decoded and accepted.", |m| &m.metadata),
+    ];
+    for (name, help, get) in counters {
+        per_shard(out, name, "counter", help, shards, get);
+    }
+    let name = "promgate_agent_decode_series_rejected_total";
+    family(out, name, "counter", "Series refused by validation, by reason.");
     for (i, m) in shards.iter().enumerate() {
         for (j, reason) in Reject::ALL.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "promgate_agent_decode_series_rejected_total{{shard=\"{i}\",reason=\"{}\"}} {}",
-                reason.as_str(),
-                m.series_rejects[j].load(Relaxed)
-            );
+            let v = m.series_rejects[j].load(Relaxed);
+            let _ = writeln!(out, "{name}{{shard=\"{i}\",reason=\"{}\"}} {v}", reason.as_str());
         }
     }
-    family(
+    histogram(
         out,
         "promgate_agent_decode_seconds",
-        "histogram",
         "Time to decompress, decode and validate one request body.",
-    );
-    for (i, m) in shards.iter().enumerate() {
-        let mut cumulative = 0;
-        for (j, le) in DECODE_BUCKETS_S.iter().enumerate() {
-            cumulative += m.decode_buckets[j].load(Relaxed);
-            let _ = writeln!(
-                out,
-                "promgate_agent_decode_seconds_bucket{{shard=\"{i}\",le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let count = m.decode_count.load(Relaxed);
-        let _ = writeln!(
-            out,
-            "promgate_agent_decode_seconds_bucket{{shard=\"{i}\",le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "promgate_agent_decode_seconds_sum{{shard=\"{i}\"}} {}",
-            m.decode_ns_sum.load(Relaxed) as f64 / 1e9
-        );
-        let _ = writeln!(
-            out,
-            "promgate_agent_decode_seconds_count{{shard=\"{i}\"}} {count}"
-        );
-    }
-    per_shard(
-        out,
-        "promgate_agent_receive_connections",
-        "gauge",
-        "Open client connections.",
         shards,
-        |m| &m.connections_open,
+        |m| &m.decode_seconds,
     );
-    per_shard(
-        out,
-        "promgate_agent_receive_connections_total",
-        "counter",
-        "Client connections accepted.",
-        shards,
-        |m| &m.connections_total,
-    );
+    per_shard(out, "promgate_agent_receive_connections", "gauge", "Open client connections.", shards, |m| {
+        &m.connections_open
+    });
+    per_shard(out, "promgate_agent_receive_connections_total", "counter", "Client connections accepted.", shards, |m| {
+        &m.connections_total
+    });
     per_shard(
         out,
         "promgate_agent_receive_connections_rejected_total",
@@ -254,7 +265,61 @@ pub fn render(shards: &[ShardMetrics], out: &mut String) {
         shards,
         |m| &m.connections_rejected,
     );
+    render_wal(shards, out);
     process(out);
+}
+
+fn render_wal(shards: &[ShardMetrics], out: &mut String) {
+    let gauges: [(&str, &str, fn(&ShardMetrics) -> &AtomicU64); 2] = [
+        ("promgate_agent_wal_bytes", "Bytes of WAL segments on disk (and being written).", |m| &m.wal.bytes),
+        ("promgate_agent_wal_segments", "WAL segment files.", |m| &m.wal.segments),
+    ];
+    for (name, help, get) in gauges {
+        per_shard(out, name, "gauge", help, shards, get);
+    }
+    let counters: [(&str, &str, fn(&ShardMetrics) -> &AtomicU64); 10] = [
+        ("promgate_agent_wal_appended_records_total", "Records (requests) made durable.", |m| &m.wal.appended_records),
+        ("promgate_agent_wal_appended_bytes_total", "Record bytes made durable.", |m| &m.wal.appended_bytes),
+        (
+            "promgate_agent_wal_backpressure_total",
+            "Requests answered 503 because the WAL budget was reached.",
+            |m| &m.wal.backpressure,
+        ),
+        (
+            "promgate_agent_wal_write_errors_total",
+            "WAL writes or fsyncs that failed (their requests got 503).",
+            |m| &m.wal.write_errors,
+        ),
+        ("promgate_agent_wal_recovered_records_total", "Records found intact at start-up.", |m| &m.wal.recovered_records),
+        ("promgate_agent_wal_recovered_segments_total", "Segments read at start-up.", |m| &m.wal.recovered_segments),
+        (
+            "promgate_agent_wal_corrupt_records_total",
+            "Records lost to corruption found at start-up (reported, never hidden).",
+            |m| &m.wal.corrupt_records,
+        ),
+        ("promgate_agent_wal_torn_tail_bytes_total", "Bytes of torn tail truncated at start-up.", |m| &m.wal.torn_tail_bytes),
+        (
+            "promgate_agent_wal_truncated_segments_total",
+            "Segments deleted after being acknowledged downstream.",
+            |m| &m.wal.truncated_segments,
+        ),
+        (
+            "promgate_agent_wal_retention_dropped_records_total",
+            "Records deleted by wal.retention_* before being shipped.",
+            |m| &m.wal.retention_dropped_records,
+        ),
+    ];
+    for (name, help, get) in counters {
+        per_shard(out, name, "counter", help, shards, get);
+    }
+    histogram(out, "promgate_agent_wal_fsync_seconds", "Time of one WAL fdatasync.", shards, |m| &m.wal.fsync_seconds);
+    histogram(
+        out,
+        "promgate_agent_wal_commit_records",
+        "Records made durable by one group commit.",
+        shards,
+        |m| &m.wal.commit_records,
+    );
 }
 
 /// Process CPU seconds and resident memory, so a load test can read the agent's cost.
@@ -266,42 +331,15 @@ fn process(out: &mut String) {
         u
     };
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    family(
-        out,
-        "process_cpu_seconds_total",
-        "counter",
-        "User and system CPU time spent.",
-    );
-    let _ = writeln!(
-        out,
-        "process_cpu_seconds_total {}",
-        secs(usage.ru_utime) + secs(usage.ru_stime)
-    );
+    family(out, "process_cpu_seconds_total", "counter", "User and system CPU time spent.");
+    let _ = writeln!(out, "process_cpu_seconds_total {}", secs(usage.ru_utime) + secs(usage.ru_stime));
     let page = 4096u64;
     let rss = std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-        })
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
         .unwrap_or(0);
-    family(
-        out,
-        "process_resident_memory_bytes",
-        "gauge",
-        "Resident memory size.",
-    );
+    family(out, "process_resident_memory_bytes", "gauge", "Resident memory size.");
     let _ = writeln!(out, "process_resident_memory_bytes {}", rss * page);
-    family(
-        out,
-        "process_max_resident_memory_bytes",
-        "gauge",
-        "Peak resident memory size.",
-    );
-    let _ = writeln!(
-        out,
-        "process_max_resident_memory_bytes {}",
-        usage.ru_maxrss as u64 * 1024
-    );
+    family(out, "process_max_resident_memory_bytes", "gauge", "Peak resident memory size.");
+    let _ = writeln!(out, "process_max_resident_memory_bytes {}", usage.ru_maxrss as u64 * 1024);
 }

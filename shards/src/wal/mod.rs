@@ -1,0 +1,612 @@
+//! wal: the per-shard write-ahead log that makes an acknowledgement mean "durable".
+//!
+//! Each shard owns one [`Wal`] over its own directory; no lock, no thread hop. The
+//! record and segment layout, the checksum and what recovery does with a torn tail or
+//! a corrupt record are documented in [`format`].
+//!
+//! ## Write and flush are separate steps
+//!
+//! [`Wal::append`] encodes a record into the shard's pending buffer (a memory copy, no
+//! I/O) and then waits until a *commit* covers it. One task at a time is the committer:
+//! it takes everything pending, writes it to the open segment with direct I/O, and
+//! fdatasyncs once for all of it (group commit). Every record therefore satisfies
+//! `written >= durable`, and `append` returns only once `durable >= seq`: the caller
+//! answers 2xx after that and never before. Records that arrive while a commit runs
+//! are picked up by the next one, so one fsync covers many requests under load.
+//!
+//! `wal.fsync` chooses the trade-off:
+//! - `batch` (default): the committer also waits up to `group_commit_delay_us` (or until
+//!   `group_commit_records_max` are pending, or the shard goes quiet) to gather more.
+//! - `always`: commit and fsync as soon as anything is pending, never waiting to gather.
+//! - `never`: write but never fsync: an acknowledged record can be lost if the machine
+//!   (not just the process) crashes. For benchmarks, or when the sender keeps its own WAL.
+//!
+//! ## Budget and failures
+//!
+//! When the segments on disk reach `max_bytes`, `append` refuses at once with
+//! [`WalError::Full`] (503 with `Retry-After`) and accepts again as soon as truncation
+//! frees space; nothing acknowledged is ever deleted to make room. A failed write or
+//! fsync (EIO, ENOSPC) fails every record of that commit with [`WalError::Failed`]
+//! (503, never 2xx), seals the segment at its last durable byte, and the next append
+//! after `retry_after_s` starts a new segment.
+//!
+//! ## Truncation
+//!
+//! [`Wal::ack`] is the shipper's acknowledgement: every sealed segment whose records are
+//! all at or below the acknowledged sequence number is deleted. Until the shipper exists,
+//! `retention_bytes` / `retention_age_s` (both off by default) delete the oldest sealed
+//! segments; what they drop is counted as unshipped.
+
+pub mod format;
+pub mod storage;
+
+use crate::metrics::WalMetrics;
+use format::{Scan, SegmentHeader};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+use storage::{SegmentWriter, Storage};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsync {
+    Always,
+    Batch,
+    Never,
+}
+
+impl std::str::FromStr for Fsync {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Fsync, String> {
+        match s {
+            "always" => Ok(Fsync::Always),
+            "batch" => Ok(Fsync::Batch),
+            "never" => Ok(Fsync::Never),
+            _ => Err(format!("wal.fsync must be \"always\", \"batch\" or \"never\", not {s:?}")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct WalConfig {
+    pub fsync: Fsync,
+    pub group_commit_delay_us: u64,
+    pub group_commit_records_max: usize,
+    pub segment_bytes: u64,
+    /// Disk budget of this shard's WAL; at it, appends are refused with 503.
+    pub max_bytes: u64,
+    pub retry_after_s: u32,
+    /// 0 = off. Deletes the oldest sealed segments above this total (unshipped data).
+    pub retention_bytes: u64,
+    /// 0 = off. Deletes sealed segments older than this (unshipped data).
+    pub retention_age_s: u64,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            fsync: Fsync::Batch,
+            group_commit_delay_us: 2_000,
+            group_commit_records_max: 256,
+            segment_bytes: 64 << 20,
+            max_bytes: 1 << 30,
+            retry_after_s: 5,
+            retention_bytes: 0,
+            retention_age_s: 0,
+        }
+    }
+}
+
+/// Why a record was not made durable. Both answer 503 with `Retry-After`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WalError {
+    Full { retry_after_s: u32 },
+    Failed { reason: String, retry_after_s: u32 },
+}
+
+impl std::fmt::Display for WalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WalError::Full { retry_after_s } => {
+                write!(f, "write-ahead log is at its disk budget; retry after {retry_after_s}s")
+            }
+            WalError::Failed { reason, retry_after_s } => {
+                write!(f, "write-ahead log write failed ({reason}); retry after {retry_after_s}s")
+            }
+        }
+    }
+}
+
+/// What start-up found on disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    pub segments: u64,
+    pub records: u64,
+    pub bytes: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub torn_tail_bytes: u64,
+    /// (segment first_seq, corruption) for every unreadable stretch.
+    pub corruption: Vec<(u64, format::Corruption)>,
+    /// Segments whose header could not be read: (first_seq from the name, why).
+    pub unreadable: Vec<(u64, String)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Sealed {
+    first_seq: u64,
+    /// `first_seq - 1` when empty.
+    last_seq: u64,
+    bytes: u64,
+    created_ms: u64,
+}
+
+/// Wakes every waiter when a commit finishes (single-threaded).
+#[derive(Default)]
+struct Notify {
+    generation: Cell<u64>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl Notify {
+    fn notify_all(&self) {
+        self.generation.set(self.generation.get() + 1);
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    fn wait(&self) -> impl Future<Output = ()> + '_ {
+        let seen = self.generation.get();
+        std::future::poll_fn(move |cx| {
+            if self.generation.get() != seen {
+                Poll::Ready(())
+            } else {
+                self.waiters.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+    }
+}
+
+struct State<W> {
+    next_seq: u64,
+    durable_seq: u64,
+    /// Records up to here were in a failed commit: their appends fail.
+    failed_upto: u64,
+    pending: Vec<u8>,
+    pending_records: usize,
+    pending_first_seq: u64,
+    spare: Vec<u8>,
+    committing: bool,
+    writer: Option<W>,
+    open_first_seq: u64,
+    open_bytes: u64,
+    open_created_ms: u64,
+    /// Durable bytes of the open segment (where to cut it after a failed write).
+    open_durable_bytes: u64,
+    sealed: VecDeque<Sealed>,
+    /// Bytes of all segments, including what is pending.
+    total_bytes: u64,
+    failure: Option<(String, Instant)>,
+}
+
+pub struct Wal<S: Storage> {
+    storage: S,
+    shard: u32,
+    config: WalConfig,
+    metrics: Arc<Vec<crate::metrics::ShardMetrics>>,
+    state: RefCell<State<S::Writer>>,
+    committed: Notify,
+}
+
+/// Polling step while the committer gathers records in `batch` mode.
+const GATHER_STEP_US: u64 = 200;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl<S: Storage> Wal<S> {
+    /// Recovers the shard's segments (truncating a torn tail of the newest one) and
+    /// returns the log ready for appends, plus what was found.
+    pub fn open(
+        storage: S,
+        shard: u32,
+        config: WalConfig,
+        metrics: Arc<Vec<crate::metrics::ShardMetrics>>,
+    ) -> std::io::Result<(Wal<S>, Recovered)> {
+        let mut rec = Recovered::default();
+        let mut sealed = VecDeque::new();
+        let ids = storage.list()?;
+        let mut next_seq = 1u64;
+        for (i, first) in ids.iter().copied().enumerate() {
+            let data = storage.read(first)?;
+            let newest = i + 1 == ids.len();
+            let scan = match format::scan(&data) {
+                Ok(s) if s.header.first_seq == first => s,
+                Ok(s) => {
+                    rec.unreadable.push((first, format!("header says first_seq {}", s.header.first_seq)));
+                    continue;
+                }
+                Err(e) => {
+                    if newest {
+                        // Created, but its header never became durable: a record is only
+                        // acknowledged after a sync that covers the header too, so there
+                        // is nothing acknowledged in it. A torn creation, not corruption.
+                        storage.remove(first)?;
+                        rec.torn_tail_bytes += data.len() as u64;
+                        continue;
+                    }
+                    rec.unreadable.push((first, e));
+                    continue;
+                }
+            };
+            let Scan { header, records, valid_end, tail_bytes, corruption } = scan;
+            let mut bytes = data.len() as u64;
+            if tail_bytes > 0 {
+                if newest {
+                    storage.truncate(first, valid_end as u64)?;
+                    rec.torn_tail_bytes += tail_bytes as u64;
+                    bytes = valid_end as u64;
+                } else {
+                    rec.corruption.push((
+                        first,
+                        format::Corruption {
+                            offset: valid_end,
+                            bytes: tail_bytes,
+                            lost_seqs: (records.last().map_or(first, |r| r.seq + 1), ids[i + 1] - 1),
+                        },
+                    ));
+                }
+            }
+            rec.corruption.extend(corruption.into_iter().map(|c| (first, c)));
+            let last_seq = records.last().map_or(first - 1, |r| r.seq);
+            rec.segments += 1;
+            rec.records += records.len() as u64;
+            rec.bytes += bytes;
+            if !records.is_empty() {
+                rec.first_seq.get_or_insert(records[0].seq);
+                rec.last_seq = Some(last_seq);
+            }
+            next_seq = next_seq.max(last_seq + 1);
+            sealed.push_back(Sealed { first_seq: first, last_seq, bytes, created_ms: header.created_ms });
+        }
+        // Sequence numbers never go back, even if every segment was acknowledged and deleted.
+        if let Some(floor) = storage.load_floor()? {
+            next_seq = next_seq.max(floor);
+        }
+        let m = &metrics[shard as usize].wal;
+        m.recovered_records.fetch_add(rec.records, Relaxed);
+        m.recovered_segments.fetch_add(rec.segments, Relaxed);
+        m.torn_tail_bytes.fetch_add(rec.torn_tail_bytes, Relaxed);
+        let lost: u64 = rec.corruption.iter().map(|(_, c)| c.lost_seqs.1.saturating_sub(c.lost_seqs.0) + 1).sum();
+        m.corrupt_records.fetch_add(lost, Relaxed);
+        m.bytes.store(rec.bytes, Relaxed);
+        m.segments.store(sealed.len() as u64, Relaxed);
+        let wal = Wal {
+            storage,
+            shard,
+            config,
+            metrics,
+            state: RefCell::new(State {
+                next_seq,
+                durable_seq: next_seq - 1,
+                failed_upto: 0,
+                pending: Vec::new(),
+                pending_records: 0,
+                pending_first_seq: next_seq,
+                spare: Vec::new(),
+                committing: false,
+                writer: None,
+                open_first_seq: 0,
+                open_bytes: 0,
+                open_created_ms: 0,
+                open_durable_bytes: 0,
+                sealed,
+                total_bytes: rec.bytes,
+                failure: None,
+            }),
+            committed: Notify::default(),
+        };
+        Ok((wal, rec))
+    }
+
+    fn metrics(&self) -> &WalMetrics {
+        &self.metrics[self.shard as usize].wal
+    }
+
+    pub fn config(&self) -> &WalConfig {
+        &self.config
+    }
+
+    /// Highest sequence number known durable.
+    pub fn durable_seq(&self) -> u64 {
+        self.state.borrow().durable_seq
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.state.borrow().total_bytes
+    }
+
+    /// Appends one record built in place by `payload`, and resolves once it is durable
+    /// (or written, with `fsync = never`). Returns its sequence number.
+    pub async fn append(&self, kind: u8, payload_format: u8, payload: impl FnOnce(&mut Vec<u8>)) -> Result<u64, WalError> {
+        let retry_after_s = self.config.retry_after_s;
+        let seq = {
+            let mut st = self.state.borrow_mut();
+            if let Some((reason, at)) = &st.failure {
+                if at.elapsed() < Duration::from_secs(u64::from(retry_after_s)) {
+                    return Err(WalError::Failed { reason: reason.clone(), retry_after_s });
+                }
+                // Time to try again: the next commit opens a fresh segment.
+                st.failure = None;
+            }
+            if st.total_bytes >= self.config.max_bytes {
+                self.metrics().backpressure.fetch_add(1, Relaxed);
+                return Err(WalError::Full { retry_after_s });
+            }
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            if st.pending_records == 0 {
+                st.pending_first_seq = seq;
+            }
+            let before = st.pending.len();
+            format::append_record(&mut st.pending, seq, kind, payload_format, payload);
+            st.total_bytes += (st.pending.len() - before) as u64;
+            st.pending_records += 1;
+            seq
+        };
+        loop {
+            let (durable, failed_upto, committing) = {
+                let st = self.state.borrow();
+                (st.durable_seq, st.failed_upto, st.committing)
+            };
+            if durable >= seq {
+                return Ok(seq);
+            }
+            if failed_upto >= seq {
+                let reason = self.state.borrow().failure.as_ref().map_or_else(|| "write failed".into(), |f| f.0.clone());
+                return Err(WalError::Failed { reason, retry_after_s });
+            }
+            if committing {
+                self.committed.wait().await;
+            } else {
+                self.commit().await;
+            }
+        }
+    }
+
+    /// Gathers (in `batch` mode), writes and syncs everything pending. One at a time.
+    async fn commit(&self) {
+        self.state.borrow_mut().committing = true;
+        if self.config.fsync == Fsync::Batch {
+            let started = Instant::now();
+            let limit = Duration::from_micros(self.config.group_commit_delay_us);
+            loop {
+                let before = self.state.borrow().pending_records;
+                if before >= self.config.group_commit_records_max || started.elapsed() >= limit {
+                    break;
+                }
+                let step = Duration::from_micros(GATHER_STEP_US).min(limit.saturating_sub(started.elapsed()));
+                glommio::timer::sleep(step).await;
+                if self.state.borrow().pending_records == before {
+                    break; // the shard went quiet: nobody else to wait for
+                }
+            }
+        }
+        let (mut buf, records, first_seq, last_seq, writer) = {
+            let mut st = self.state.borrow_mut();
+            let spare = std::mem::take(&mut st.spare);
+            let buf = std::mem::replace(&mut st.pending, spare);
+            let records = st.pending_records;
+            st.pending_records = 0;
+            let first = st.pending_first_seq;
+            let last = st.next_seq - 1;
+            st.pending_first_seq = st.next_seq;
+            (buf, records, first, last, st.writer.take())
+        };
+        if records > 0 {
+            match self.write_and_sync(writer, &buf, first_seq).await {
+                Ok(w) => self.committed_ok(w, buf.len() as u64, records, last_seq).await,
+                Err(e) => self.committed_err(e, buf.len() as u64, last_seq),
+            }
+        } else {
+            self.state.borrow_mut().writer = writer;
+        }
+        buf.clear();
+        let mut st = self.state.borrow_mut();
+        st.spare = buf;
+        st.committing = false;
+        drop(st);
+        self.committed.notify_all();
+    }
+
+    async fn write_and_sync(&self, writer: Option<S::Writer>, buf: &[u8], first_seq: u64) -> std::io::Result<S::Writer> {
+        let mut writer = match writer {
+            Some(w) => w,
+            None => {
+                let created_ms = now_ms();
+                let header = SegmentHeader { shard: self.shard, first_seq, created_ms }.encode();
+                let w = self.storage.create(first_seq, &header).await?;
+                let mut st = self.state.borrow_mut();
+                st.open_first_seq = first_seq;
+                st.open_bytes = header.len() as u64;
+                st.open_durable_bytes = 0;
+                st.open_created_ms = created_ms;
+                st.total_bytes += header.len() as u64;
+                self.publish(&st);
+                w
+            }
+        };
+        writer.write(buf).await?;
+        if self.config.fsync != Fsync::Never {
+            let t = Instant::now();
+            writer.sync().await?;
+            self.metrics().fsync_seconds.observe(t.elapsed().as_secs_f64());
+        }
+        Ok(writer)
+    }
+
+    async fn committed_ok(&self, writer: S::Writer, bytes: u64, records: usize, last_seq: u64) {
+        let m = self.metrics();
+        m.appended_records.fetch_add(records as u64, Relaxed);
+        m.appended_bytes.fetch_add(bytes, Relaxed);
+        m.commit_records.observe(records as f64);
+        let rotate = {
+            let mut st = self.state.borrow_mut();
+            st.durable_seq = last_seq;
+            st.open_bytes += bytes;
+            st.open_durable_bytes = st.open_bytes;
+            self.publish(&st);
+            st.open_bytes >= self.config.segment_bytes
+        };
+        if !rotate {
+            self.state.borrow_mut().writer = Some(writer);
+            return;
+        }
+        // Seal: close syncs and trims the last block's padding. The records are already
+        // durable, so a failed close only costs the next segment.
+        if let Err(e) = writer.close().await {
+            tracing::warn!(shard = self.shard, error = %e, "closing a full WAL segment failed");
+        }
+        {
+            let mut st = self.state.borrow_mut();
+            let sealed = Sealed {
+                first_seq: st.open_first_seq,
+                last_seq,
+                bytes: st.open_bytes,
+                created_ms: st.open_created_ms,
+            };
+            st.sealed.push_back(sealed);
+            st.open_first_seq = 0;
+            st.open_bytes = 0;
+            self.publish(&st);
+        }
+        self.apply_retention();
+    }
+
+    fn committed_err(&self, e: std::io::Error, bytes: u64, last_seq: u64) {
+        self.metrics().write_errors.fetch_add(1, Relaxed);
+        tracing::error!(shard = self.shard, error = %e, "WAL write failed; answering 503 until it works again");
+        let mut st = self.state.borrow_mut();
+        st.failed_upto = last_seq;
+        st.failure = Some((e.to_string(), Instant::now()));
+        st.total_bytes = st.total_bytes.saturating_sub(bytes);
+        // Seal the broken segment at its last durable byte, so recovery never sees the
+        // half-written commit as corruption in the middle of the log.
+        if st.open_first_seq != 0 {
+            let (first, keep) = (st.open_first_seq, st.open_durable_bytes);
+            if keep == 0 {
+                // Nothing in it was ever durable (only its header).
+                if let Err(e) = self.storage.save_floor(st.next_seq).and_then(|_| self.storage.remove(first)) {
+                    tracing::warn!(shard = self.shard, error = %e, "could not remove the failed WAL segment");
+                }
+                st.total_bytes = st.total_bytes.saturating_sub(st.open_bytes);
+            } else {
+                if let Err(e) = self.storage.truncate(first, keep) {
+                    tracing::warn!(shard = self.shard, error = %e, "could not trim the failed WAL segment");
+                }
+                let (last_seq, created_ms) = (st.durable_seq, st.open_created_ms);
+                st.sealed.push_back(Sealed { first_seq: first, last_seq, bytes: keep, created_ms });
+            }
+            st.open_first_seq = 0;
+            st.open_bytes = 0;
+        }
+        self.publish(&st);
+    }
+
+    /// Records the next sequence number before segments are deleted.
+    fn save_floor(&self) -> std::io::Result<()> {
+        let next = self.state.borrow().next_seq;
+        self.storage.save_floor(next)
+    }
+
+    /// Updates the size gauges from the state.
+    fn publish(&self, st: &State<S::Writer>) {
+        let m = self.metrics();
+        m.bytes.store(st.total_bytes, Relaxed);
+        m.segments.store(st.sealed.len() as u64 + u64::from(st.open_first_seq != 0), Relaxed);
+    }
+
+    /// The shipper's acknowledgement: records up to `seq` are safe elsewhere. Deletes
+    /// every sealed segment that holds nothing newer. Returns the segments deleted.
+    pub fn ack(&self, seq: u64) -> std::io::Result<usize> {
+        let deletable = self.state.borrow().sealed.front().is_some_and(|s| s.last_seq <= seq);
+        if deletable {
+            self.save_floor()?;
+        }
+        let mut deleted = 0;
+        loop {
+            let front = self.state.borrow().sealed.front().copied();
+            match front {
+                Some(s) if s.last_seq <= seq => {
+                    self.storage.remove(s.first_seq)?;
+                    let mut st = self.state.borrow_mut();
+                    st.sealed.pop_front();
+                    st.total_bytes = st.total_bytes.saturating_sub(s.bytes);
+                    deleted += 1;
+                }
+                _ => break,
+            }
+        }
+        self.metrics().truncated_segments.fetch_add(deleted as u64, Relaxed);
+        self.publish(&self.state.borrow());
+        Ok(deleted)
+    }
+
+    /// Interim, until the shipper acknowledges: drop the oldest sealed segments above
+    /// the size or age limits, counting what was never shipped.
+    fn apply_retention(&self) {
+        let (bytes_max, age_max_ms) = (self.config.retention_bytes, self.config.retention_age_s * 1000);
+        if bytes_max == 0 && age_max_ms == 0 {
+            return;
+        }
+        loop {
+            let drop_front = {
+                let st = self.state.borrow();
+                match st.sealed.front() {
+                    Some(s) => {
+                        (bytes_max > 0 && st.total_bytes > bytes_max)
+                            || (age_max_ms > 0 && now_ms().saturating_sub(s.created_ms) > age_max_ms)
+                    }
+                    None => false,
+                }
+            };
+            if !drop_front {
+                break;
+            }
+            let s = self.state.borrow_mut().sealed.pop_front().expect("checked above");
+            if let Err(e) = self.save_floor().and_then(|_| self.storage.remove(s.first_seq)) {
+                tracing::warn!(shard = self.shard, error = %e, "WAL retention could not delete a segment");
+                self.state.borrow_mut().sealed.push_front(s);
+                break;
+            }
+            let records = s.last_seq + 1 - s.first_seq;
+            tracing::warn!(shard = self.shard, records, "WAL retention deleted records that were never shipped");
+            self.metrics().retention_dropped_records.fetch_add(records, Relaxed);
+            let mut st = self.state.borrow_mut();
+            st.total_bytes = st.total_bytes.saturating_sub(s.bytes);
+        }
+        self.publish(&self.state.borrow());
+    }
+
+    /// Writes out anything pending and closes the open segment (clean shutdown, tests).
+    pub async fn close(&self) -> std::io::Result<()> {
+        while self.state.borrow().pending_records > 0 || self.state.borrow().committing {
+            if self.state.borrow().committing {
+                self.committed.wait().await;
+            } else {
+                self.commit().await;
+            }
+        }
+        let writer = self.state.borrow_mut().writer.take();
+        match writer {
+            Some(w) => w.close().await,
+            None => Ok(()),
+        }
+    }
+}
