@@ -310,7 +310,9 @@ pub fn sample_timestamp_ms(
 pub fn sample_value(series: u64, round: u64, samples_per_series: usize, sample: usize) -> f64 {
     // A deterministic sprinkling of Prometheus staleness markers, so receivers are
     // checked for carrying that exact NaN payload through.
-    if series % STALE_SERIES_EVERY == 0 && (round + sample as u64) % STALE_ROUND_EVERY == STALE_ROUND_EVERY - 1 {
+    if series % STALE_SERIES_EVERY == 0
+        && (round + sample as u64) % STALE_ROUND_EVERY == STALE_ROUND_EVERY - 1
+    {
         return f64::from_bits(STALE_NAN_BITS);
     }
     let step = (series.wrapping_mul(7919) % 97 + 1) as f64 * 0.5;

@@ -9,7 +9,9 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Status codes the receive path can answer, in exposition order.
-pub const STATUSES: [u16; 13] = [200, 204, 400, 404, 405, 408, 411, 413, 415, 429, 431, 500, 503];
+pub const STATUSES: [u16; 13] = [
+    200, 204, 400, 404, 405, 408, 411, 413, 415, 429, 431, 500, 503,
+];
 
 /// Request-level refusals, labelled `reason` on `promgate_agent_receive_rejected_total`.
 pub const REQUEST_REJECTS: [&str; 11] = [
@@ -27,8 +29,10 @@ pub const REQUEST_REJECTS: [&str; 11] = [
 ];
 
 /// Upper bounds of the time histograms' buckets (decode, fsync), in seconds.
-pub const SECONDS_BUCKETS: [f64; 14] =
-    [0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+pub const SECONDS_BUCKETS: [f64; 14] = [
+    0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    1.0,
+];
 /// Upper bounds of the group-commit size histogram, in records per fsync.
 pub const RECORDS_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
@@ -67,11 +71,21 @@ impl<const N: usize> Histogram<N> {
         let mut cumulative = 0;
         for (b, le) in self.buckets.iter().zip(self.bounds.iter()) {
             cumulative += b.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {cumulative}"
+            );
         }
         let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{shard=\"{shard}\",le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {}", self.sum_micro.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{shard=\"{shard}\",le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "{name}_sum{{shard=\"{shard}\"}} {}",
+            self.sum_micro.load(Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {count}");
     }
 }
@@ -207,7 +221,12 @@ fn histogram<const N: usize>(
 /// Renders every shard's metrics, plus process CPU and memory, in text format 0.0.4.
 pub fn render(shards: &[ShardMetrics], out: &mut String) {
     let name = "promgate_agent_receive_requests_total";
-    family(out, name, "counter", "remote_write and other HTTP requests answered, by status code.");
+    family(
+        out,
+        name,
+        "counter",
+        "remote_write and other HTTP requests answered, by status code.",
+    );
     for (i, m) in shards.iter().enumerate() {
         for (j, code) in STATUSES.iter().enumerate() {
             let v = m.requests[j].load(Relaxed);
@@ -217,7 +236,12 @@ pub fn render(shards: &[ShardMetrics], out: &mut String) {
         }
     }
     let name = "promgate_agent_receive_rejected_total";
-    family(out, name, "counter", "Requests refused as a whole, by reason.");
+    family(
+        out,
+        name,
+        "counter",
+        "Requests refused as a whole, by reason.",
+    );
     for (i, m) in shards.iter().enumerate() {
         for (j, reason) in REQUEST_REJECTS.iter().enumerate() {
             let v = m.request_rejects[j].load(Relaxed);
@@ -225,23 +249,60 @@ pub fn render(shards: &[ShardMetrics], out: &mut String) {
         }
     }
     let counters: [(&str, &str, fn(&ShardMetrics) -> &AtomicU64); 7] = [
-        ("promgate_agent_receive_bytes_total", "Compressed remote_write body bytes received.", |m| &m.receive_bytes),
-        ("promgate_agent_decode_bytes_total", "Decompressed remote_write body bytes decoded.", |m| &m.decode_bytes),
-        ("promgate_agent_decode_series_total", "Valid series decoded and accepted.", |m| &m.series),
-        ("promgate_agent_decode_samples_total", "Float samples decoded and accepted.", |m| &m.samples),
-        ("promgate_agent_decode_histograms_total", "Native histogram samples decoded and accepted.", |m| &m.histograms),
-        ("promgate_agent_decode_exemplars_total", "Exemplars decoded and accepted.", |m| &m.exemplars),
-        ("promgate_agent_decode_metadata_total", "Metric metadata entries decoded and accepted.", |m| &m.metadata),
+        (
+            "promgate_agent_receive_bytes_total",
+            "Compressed remote_write body bytes received.",
+            |m| &m.receive_bytes,
+        ),
+        (
+            "promgate_agent_decode_bytes_total",
+            "Decompressed remote_write body bytes decoded.",
+            |m| &m.decode_bytes,
+        ),
+        (
+            "promgate_agent_decode_series_total",
+            "Valid series decoded and accepted.",
+            |m| &m.series,
+        ),
+        (
+            "promgate_agent_decode_samples_total",
+            "Float samples decoded and accepted.",
+            |m| &m.samples,
+        ),
+        (
+            "promgate_agent_decode_histograms_total",
+            "Native histogram samples decoded and accepted.",
+            |m| &m.histograms,
+        ),
+        (
+            "promgate_agent_decode_exemplars_total",
+            "Exemplars decoded and accepted.",
+            |m| &m.exemplars,
+        ),
+        (
+            "promgate_agent_decode_metadata_total",
+            "Metric metadata entries decoded and accepted.",
+            |m| &m.metadata,
+        ),
     ];
     for (name, help, get) in counters {
         per_shard(out, name, "counter", help, shards, get);
     }
     let name = "promgate_agent_decode_series_rejected_total";
-    family(out, name, "counter", "Series refused by validation, by reason.");
+    family(
+        out,
+        name,
+        "counter",
+        "Series refused by validation, by reason.",
+    );
     for (i, m) in shards.iter().enumerate() {
         for (j, reason) in Reject::ALL.iter().enumerate() {
             let v = m.series_rejects[j].load(Relaxed);
-            let _ = writeln!(out, "{name}{{shard=\"{i}\",reason=\"{}\"}} {v}", reason.as_str());
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{i}\",reason=\"{}\"}} {v}",
+                reason.as_str()
+            );
         }
     }
     histogram(
@@ -251,12 +312,22 @@ pub fn render(shards: &[ShardMetrics], out: &mut String) {
         shards,
         |m| &m.decode_seconds,
     );
-    per_shard(out, "promgate_agent_receive_connections", "gauge", "Open client connections.", shards, |m| {
-        &m.connections_open
-    });
-    per_shard(out, "promgate_agent_receive_connections_total", "counter", "Client connections accepted.", shards, |m| {
-        &m.connections_total
-    });
+    per_shard(
+        out,
+        "promgate_agent_receive_connections",
+        "gauge",
+        "Open client connections.",
+        shards,
+        |m| &m.connections_open,
+    );
+    per_shard(
+        out,
+        "promgate_agent_receive_connections_total",
+        "counter",
+        "Client connections accepted.",
+        shards,
+        |m| &m.connections_total,
+    );
     per_shard(
         out,
         "promgate_agent_receive_connections_rejected_total",
@@ -271,15 +342,29 @@ pub fn render(shards: &[ShardMetrics], out: &mut String) {
 
 fn render_wal(shards: &[ShardMetrics], out: &mut String) {
     let gauges: [(&str, &str, fn(&ShardMetrics) -> &AtomicU64); 2] = [
-        ("promgate_agent_wal_bytes", "Bytes of WAL segments on disk (and being written).", |m| &m.wal.bytes),
-        ("promgate_agent_wal_segments", "WAL segment files.", |m| &m.wal.segments),
+        (
+            "promgate_agent_wal_bytes",
+            "Bytes of WAL segments on disk (and being written).",
+            |m| &m.wal.bytes,
+        ),
+        ("promgate_agent_wal_segments", "WAL segment files.", |m| {
+            &m.wal.segments
+        }),
     ];
     for (name, help, get) in gauges {
         per_shard(out, name, "gauge", help, shards, get);
     }
     let counters: [(&str, &str, fn(&ShardMetrics) -> &AtomicU64); 10] = [
-        ("promgate_agent_wal_appended_records_total", "Records (requests) made durable.", |m| &m.wal.appended_records),
-        ("promgate_agent_wal_appended_bytes_total", "Record bytes made durable.", |m| &m.wal.appended_bytes),
+        (
+            "promgate_agent_wal_appended_records_total",
+            "Records (requests) made durable.",
+            |m| &m.wal.appended_records,
+        ),
+        (
+            "promgate_agent_wal_appended_bytes_total",
+            "Record bytes made durable.",
+            |m| &m.wal.appended_bytes,
+        ),
         (
             "promgate_agent_wal_backpressure_total",
             "Requests answered 503 because the WAL budget was reached.",
@@ -290,14 +375,26 @@ fn render_wal(shards: &[ShardMetrics], out: &mut String) {
             "WAL writes or fsyncs that failed (their requests got 503).",
             |m| &m.wal.write_errors,
         ),
-        ("promgate_agent_wal_recovered_records_total", "Records found intact at start-up.", |m| &m.wal.recovered_records),
-        ("promgate_agent_wal_recovered_segments_total", "Segments read at start-up.", |m| &m.wal.recovered_segments),
+        (
+            "promgate_agent_wal_recovered_records_total",
+            "Records found intact at start-up.",
+            |m| &m.wal.recovered_records,
+        ),
+        (
+            "promgate_agent_wal_recovered_segments_total",
+            "Segments read at start-up.",
+            |m| &m.wal.recovered_segments,
+        ),
         (
             "promgate_agent_wal_corrupt_records_total",
             "Records lost to corruption found at start-up (reported, never hidden).",
             |m| &m.wal.corrupt_records,
         ),
-        ("promgate_agent_wal_torn_tail_bytes_total", "Bytes of torn tail truncated at start-up.", |m| &m.wal.torn_tail_bytes),
+        (
+            "promgate_agent_wal_torn_tail_bytes_total",
+            "Bytes of torn tail truncated at start-up.",
+            |m| &m.wal.torn_tail_bytes,
+        ),
         (
             "promgate_agent_wal_truncated_segments_total",
             "Segments deleted after being acknowledged downstream.",
@@ -312,7 +409,13 @@ fn render_wal(shards: &[ShardMetrics], out: &mut String) {
     for (name, help, get) in counters {
         per_shard(out, name, "counter", help, shards, get);
     }
-    histogram(out, "promgate_agent_wal_fsync_seconds", "Time of one WAL fdatasync.", shards, |m| &m.wal.fsync_seconds);
+    histogram(
+        out,
+        "promgate_agent_wal_fsync_seconds",
+        "Time of one WAL fdatasync.",
+        shards,
+        |m| &m.wal.fsync_seconds,
+    );
     histogram(
         out,
         "promgate_agent_wal_commit_records",
@@ -331,15 +434,42 @@ fn process(out: &mut String) {
         u
     };
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    family(out, "process_cpu_seconds_total", "counter", "User and system CPU time spent.");
-    let _ = writeln!(out, "process_cpu_seconds_total {}", secs(usage.ru_utime) + secs(usage.ru_stime));
+    family(
+        out,
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time spent.",
+    );
+    let _ = writeln!(
+        out,
+        "process_cpu_seconds_total {}",
+        secs(usage.ru_utime) + secs(usage.ru_stime)
+    );
     let page = 4096u64;
     let rss = std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .unwrap_or(0);
-    family(out, "process_resident_memory_bytes", "gauge", "Resident memory size.");
+    family(
+        out,
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size.",
+    );
     let _ = writeln!(out, "process_resident_memory_bytes {}", rss * page);
-    family(out, "process_max_resident_memory_bytes", "gauge", "Peak resident memory size.");
-    let _ = writeln!(out, "process_max_resident_memory_bytes {}", usage.ru_maxrss as u64 * 1024);
+    family(
+        out,
+        "process_max_resident_memory_bytes",
+        "gauge",
+        "Peak resident memory size.",
+    );
+    let _ = writeln!(
+        out,
+        "process_max_resident_memory_bytes {}",
+        usage.ru_maxrss as u64 * 1024
+    );
 }

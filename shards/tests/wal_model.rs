@@ -59,7 +59,10 @@ impl Storage for SimStorage {
         let s = d.segments.get_mut(&first_seq).ok_or_else(not_found)?;
         let mut all = [s.durable.as_slice(), s.volatile.as_slice()].concat();
         all.truncate(len as usize);
-        *s = SimSegment { durable: all, volatile: Vec::new() };
+        *s = SimSegment {
+            durable: all,
+            volatile: Vec::new(),
+        };
         Ok(())
     }
     fn remove(&self, first_seq: u64) -> io::Result<()> {
@@ -74,9 +77,17 @@ impl Storage for SimStorage {
         Ok(self.floor.get())
     }
     async fn create(&self, first_seq: u64, header: &[u8]) -> io::Result<SimWriter> {
-        let seg = SimSegment { durable: Vec::new(), volatile: header.to_vec() };
-        self.disk.borrow_mut().segments.insert(first_seq, seg);
-        Ok(SimWriter { disk: self.disk.clone(), id: first_seq, fail: self.fail_next_write.clone() })
+        let seg = SimSegment {
+            durable: Vec::new(),
+            volatile: header.to_vec(),
+        };
+        let old = self.disk.borrow_mut().segments.insert(first_seq, seg);
+        assert!(old.is_none(), "segment {first_seq} created twice");
+        Ok(SimWriter {
+            disk: self.disk.clone(),
+            id: first_seq,
+            fail: self.fail_next_write.clone(),
+        })
     }
 }
 
@@ -85,10 +96,22 @@ impl SegmentWriter for SimWriter {
         if self.fail.replace(false) {
             // A partial write, then the error, as ENOSPC would leave it.
             let half = &bytes[..bytes.len() / 2];
-            self.disk.borrow_mut().segments.get_mut(&self.id).unwrap().volatile.extend_from_slice(half);
+            self.disk
+                .borrow_mut()
+                .segments
+                .get_mut(&self.id)
+                .unwrap()
+                .volatile
+                .extend_from_slice(half);
             return Err(io::Error::from_raw_os_error(28));
         }
-        self.disk.borrow_mut().segments.get_mut(&self.id).unwrap().volatile.extend_from_slice(bytes);
+        self.disk
+            .borrow_mut()
+            .segments
+            .get_mut(&self.id)
+            .unwrap()
+            .volatile
+            .extend_from_slice(bytes);
         futures_lite::future::yield_now().await;
         Ok(())
     }
@@ -111,13 +134,20 @@ impl SimStorage {
     fn crash(&self, cut: &[u16], garbage: &[u8]) {
         let mut d = self.disk.borrow_mut();
         for (i, s) in d.segments.values_mut().enumerate() {
-            let keep = if s.volatile.is_empty() { 0 } else { cut[i % cut.len()] as usize % (s.volatile.len() + 1) };
+            let keep = if s.volatile.is_empty() {
+                0
+            } else {
+                cut[i % cut.len()] as usize % (s.volatile.len() + 1)
+            };
             let mut all = std::mem::take(&mut s.durable);
             all.extend_from_slice(&s.volatile[..keep]);
             if keep > 0 && i % 2 == 0 {
                 all.extend_from_slice(garbage);
             }
-            *s = SimSegment { durable: all, volatile: Vec::new() };
+            *s = SimSegment {
+                durable: all,
+                volatile: Vec::new(),
+            };
         }
     }
 
@@ -127,8 +157,16 @@ impl SimStorage {
         for id in self.list().unwrap() {
             let data = self.read(id).unwrap();
             let scan = format::scan(&data).expect("segment header readable");
-            assert!(scan.corruption.is_empty(), "corrupt record in segment {id}: {:?}", scan.corruption);
-            out.extend(scan.records.iter().map(|r| (r.seq, data[r.payload.0..r.payload.1].to_vec())));
+            assert!(
+                scan.corruption.is_empty(),
+                "corrupt record in segment {id}: {:?}",
+                scan.corruption
+            );
+            out.extend(
+                scan.records
+                    .iter()
+                    .map(|r| (r.seq, data[r.payload.0..r.payload.1].to_vec())),
+            );
         }
         out
     }
@@ -139,7 +177,12 @@ enum Op {
     /// Concurrent appends of payloads of the given sizes; all awaited.
     Append(Vec<u16>),
     /// Concurrent appends; the executor runs `polls` steps; then the machine crashes.
-    Crash { sizes: Vec<u16>, polls: u8, cut: Vec<u16>, garbage: Vec<u8> },
+    Crash {
+        sizes: Vec<u16>,
+        polls: u8,
+        cut: Vec<u16>,
+        garbage: Vec<u8>,
+    },
     /// The shipper acknowledges everything durable so far.
     Ack,
     /// The next write fails (ENOSPC) after writing half of it.
@@ -153,7 +196,12 @@ fn arb_op() -> impl Strategy<Value = Op> {
         prop::collection::vec(any::<u16>(), 1..4),
         prop::collection::vec(any::<u8>(), 0..40),
     )
-        .prop_map(|(sizes, polls, cut, garbage)| Op::Crash { sizes, polls, cut, garbage });
+        .prop_map(|(sizes, polls, cut, garbage)| Op::Crash {
+            sizes,
+            polls,
+            cut,
+            garbage,
+        });
     prop_oneof![
         4 => prop::collection::vec(0u16..400, 1..6).prop_map(Op::Append),
         2 => crash,
@@ -185,13 +233,21 @@ fn config(fsync: Fsync) -> WalConfig {
 fn open(storage: &SimStorage, fsync: Fsync) -> Rc<Wal<SimStorage>> {
     let metrics = Arc::new(vec![ShardMetrics::default()]);
     let (wal, rec) = Wal::open(storage.clone(), 0, config(fsync), metrics).expect("recovery");
-    assert!(rec.corruption.is_empty() && rec.unreadable.is_empty(), "recovery found corruption: {rec:?}");
+    assert!(
+        rec.corruption.is_empty() && rec.unreadable.is_empty(),
+        "recovery found corruption: {rec:?}"
+    );
     Rc::new(wal)
 }
 
 type Acked = Rc<RefCell<BTreeMap<u64, Vec<u8>>>>;
 
-fn spawn_appends(wal: &Rc<Wal<SimStorage>>, acked: &Acked, sizes: &[u16], next_id: &mut u64) -> Vec<glommio::Task<()>> {
+fn spawn_appends(
+    wal: &Rc<Wal<SimStorage>>,
+    acked: &Acked,
+    sizes: &[u16],
+    next_id: &mut u64,
+) -> Vec<glommio::Task<()>> {
     sizes
         .iter()
         .map(|size| {
@@ -199,7 +255,11 @@ fn spawn_appends(wal: &Rc<Wal<SimStorage>>, acked: &Acked, sizes: &[u16], next_i
             let p = payload(*next_id, *size);
             let (wal, acked) = (wal.clone(), acked.clone());
             glommio::spawn_local(async move {
-                let r = wal.append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |out| out.extend_from_slice(&p)).await;
+                let r = wal
+                    .append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |out| {
+                        out.extend_from_slice(&p)
+                    })
+                    .await;
                 if let Ok(seq) = r {
                     acked.borrow_mut().insert(seq, p);
                 }
@@ -209,7 +269,9 @@ fn spawn_appends(wal: &Rc<Wal<SimStorage>>, acked: &Acked, sizes: &[u16], next_i
 }
 
 fn run(ops: Vec<Op>, fsync: Fsync) {
-    let ex = glommio::LocalExecutorBuilder::default().make().expect("executor");
+    let ex = glommio::LocalExecutorBuilder::default()
+        .make()
+        .expect("executor");
     ex.run(async move {
         let storage = SimStorage::default();
         let mut wal = open(&storage, fsync);
@@ -229,7 +291,12 @@ fn run(ops: Vec<Op>, fsync: Fsync) {
                     ack_floor = seq;
                 }
                 Op::FailNextWrite => storage.fail_next_write.set(true),
-                Op::Crash { sizes, polls, cut, garbage } => {
+                Op::Crash {
+                    sizes,
+                    polls,
+                    cut,
+                    garbage,
+                } => {
                     let tasks = spawn_appends(&wal, &acked, &sizes, &mut next_id);
                     for _ in 0..polls {
                         futures_lite::future::yield_now().await;
@@ -244,22 +311,39 @@ fn run(ops: Vec<Op>, fsync: Fsync) {
             // Invariants after every step, against what is on disk now.
             let on_disk = storage.records();
             let seqs: Vec<u64> = on_disk.iter().map(|r| r.0).collect();
-            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "records out of order: {seqs:?}");
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "records out of order: {seqs:?}"
+            );
             let by_seq: HashMap<u64, &Vec<u8>> = on_disk.iter().map(|(s, p)| (*s, p)).collect();
             for (seq, p) in acked.borrow().iter().filter(|(s, _)| **s > ack_floor) {
-                assert_eq!(by_seq.get(seq), Some(&p), "acknowledged record {seq} lost or changed");
+                assert_eq!(
+                    by_seq.get(seq),
+                    Some(&p),
+                    "acknowledged record {seq} lost or changed"
+                );
             }
             for (seq, p) in &on_disk {
                 // Unacknowledged records may survive, but only exactly as appended.
                 let id = u64::from_le_bytes(p[..8].try_into().unwrap());
-                assert!(id >= 1 && id <= next_id, "record {seq} holds a payload never appended");
-                assert_eq!(p, &payload(id, (p.len() - 8) as u16), "record {seq} payload corrupted");
+                assert!(
+                    id >= 1 && id <= next_id,
+                    "record {seq} holds a payload never appended"
+                );
+                assert_eq!(
+                    p,
+                    &payload(id, (p.len() - 8) as u16),
+                    "record {seq} payload corrupted"
+                );
             }
             // A sequence number of a record lost before it was durable may be used again
             // (nothing downstream ever saw it); an acknowledged one never is: that is the
             // acknowledged-records check above, which also runs after every crash.
             let max_acked = acked.borrow().keys().next_back().copied().unwrap_or(0);
-            assert!(wal.durable_seq() >= max_acked, "sequence numbers went back below an acknowledged one");
+            assert!(
+                wal.durable_seq() >= max_acked,
+                "sequence numbers went back below an acknowledged one"
+            );
         }
     });
 }
@@ -276,4 +360,18 @@ proptest! {
     fn acknowledged_records_survive_any_crash_always(ops in prop::collection::vec(arb_op(), 1..16)) {
         run(ops, Fsync::Always);
     }
+}
+
+#[test]
+fn regression_crash_before_any_append_then_ack() {
+    let crash = Op::Crash {
+        sizes: vec![45],
+        polls: 0,
+        cut: vec![40229],
+        garbage: vec![],
+    };
+    run(
+        vec![crash, Op::Append(vec![0]), Op::Ack, Op::Append(vec![0])],
+        Fsync::Always,
+    );
 }

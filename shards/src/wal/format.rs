@@ -101,7 +101,9 @@ impl SegmentHeader {
 
     pub fn decode(b: &[u8]) -> Result<SegmentHeader, String> {
         if b.len() < HEADER_BYTES {
-            return Err(format!("segment shorter than its {HEADER_BYTES}-byte header"));
+            return Err(format!(
+                "segment shorter than its {HEADER_BYTES}-byte header"
+            ));
         }
         if &b[0..8] != SEGMENT_MAGIC {
             return Err("not a promgate WAL segment (bad magic)".into());
@@ -111,7 +113,9 @@ impl SegmentHeader {
         }
         let version = u32::from_le_bytes(le4(&b[8..12]));
         if version != SEGMENT_VERSION {
-            return Err(format!("segment version {version} is not supported (want {SEGMENT_VERSION})"));
+            return Err(format!(
+                "segment version {version} is not supported (want {SEGMENT_VERSION})"
+            ));
         }
         Ok(SegmentHeader {
             shard: u32::from_le_bytes(le4(&b[12..16])),
@@ -139,7 +143,9 @@ pub fn segment_file_name(first_seq: u64) -> String {
 
 pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     let hex = name.strip_suffix(".wal")?;
-    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
+    (hex.len() == 16)
+        .then(|| u64::from_str_radix(hex, 16).ok())
+        .flatten()
 }
 
 /// Bytes a record with this payload occupies on disk, padding included.
@@ -150,14 +156,23 @@ pub fn record_disk_bytes(payload_len: usize) -> usize {
 
 /// Appends one record to `out` (which must end 8-byte aligned relative to the segment).
 /// `payload` is written by the closure so callers can build it in place.
-pub fn append_record(out: &mut Vec<u8>, seq: u64, kind: u8, format: u8, payload: impl FnOnce(&mut Vec<u8>)) {
+pub fn append_record(
+    out: &mut Vec<u8>,
+    seq: u64,
+    kind: u8,
+    format: u8,
+    payload: impl FnOnce(&mut Vec<u8>),
+) {
     let start = out.len();
     out.extend_from_slice(&[0u8; RECORD_PREFIX_BYTES]);
     out.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(&[kind, format, 0, 0]);
     payload(out);
     let covered = out.len() - start - RECORD_PREFIX_BYTES;
-    assert!(covered <= RECORD_BYTES_MAX, "record of {covered} bytes over the format limit");
+    assert!(
+        covered <= RECORD_BYTES_MAX,
+        "record of {covered} bytes over the format limit"
+    );
     let crc = crc32c::crc32c(&out[start + RECORD_PREFIX_BYTES..]);
     out[start..start + 4].copy_from_slice(&(covered as u32).to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -189,13 +204,22 @@ impl<'a> RemoteWritePayload<'a> {
             return Err("payload shorter than its 8-byte header".into());
         }
         let n = u32::from_le_bytes(le4(&payload[4..8])) as usize;
-        let end = n.checked_mul(4).and_then(|b| b.checked_add(8)).filter(|e| *e <= payload.len());
+        let end = n
+            .checked_mul(4)
+            .and_then(|b| b.checked_add(8))
+            .filter(|e| *e <= payload.len());
         let end = end.ok_or("rejected-series list overruns the payload")?;
-        Ok(RemoteWritePayload { protocol: payload[0], rejected: &payload[8..end], body: &payload[end..] })
+        Ok(RemoteWritePayload {
+            protocol: payload[0],
+            rejected: &payload[8..end],
+            body: &payload[end..],
+        })
     }
 
     pub fn rejected(&self) -> impl Iterator<Item = u32> + 'a {
-        self.rejected.chunks_exact(4).map(|c| u32::from_le_bytes(le4(c)))
+        self.rejected
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(le4(c)))
     }
 }
 
@@ -254,7 +278,10 @@ fn record_at(seg: &[u8], at: usize, after: u64, exact: Option<u64>) -> Option<Re
         seq,
         kind: covered[8],
         format: covered[9],
-        payload: (at + RECORD_PREFIX_BYTES + RECORD_META_BYTES, at + RECORD_PREFIX_BYTES + len),
+        payload: (
+            at + RECORD_PREFIX_BYTES + RECORD_META_BYTES,
+            at + RECORD_PREFIX_BYTES + len,
+        ),
         end,
     })
 }
@@ -288,13 +315,23 @@ pub fn scan(seg: &[u8]) -> Result<Scan, String> {
         }
         match found {
             Some((probe, r)) => {
-                corruption.push(Corruption { offset: at, bytes: probe - at, lost_seqs: (next, r.seq - 1) });
+                corruption.push(Corruption {
+                    offset: at,
+                    bytes: probe - at,
+                    lost_seqs: (next, r.seq - 1),
+                });
                 at = probe;
             }
             None => break,
         }
     }
-    Ok(Scan { header, records, valid_end, tail_bytes: seg.len() - valid_end, corruption })
+    Ok(Scan {
+        header,
+        records,
+        valid_end,
+        tail_bytes: seg.len() - valid_end,
+        corruption,
+    })
 }
 
 #[cfg(test)]
@@ -302,22 +339,43 @@ mod tests {
     use super::*;
 
     fn segment(first_seq: u64, payloads: &[&[u8]]) -> Vec<u8> {
-        let mut seg = SegmentHeader { shard: 3, first_seq, created_ms: 42 }.encode().to_vec();
+        let mut seg = SegmentHeader {
+            shard: 3,
+            first_seq,
+            created_ms: 42,
+        }
+        .encode()
+        .to_vec();
         for (i, p) in payloads.iter().enumerate() {
-            append_record(&mut seg, first_seq + i as u64, KIND_REMOTE_WRITE, PAYLOAD_VERSION, |o| o.extend_from_slice(p));
+            append_record(
+                &mut seg,
+                first_seq + i as u64,
+                KIND_REMOTE_WRITE,
+                PAYLOAD_VERSION,
+                |o| o.extend_from_slice(p),
+            );
         }
         seg
     }
 
     #[test]
     fn header_round_trip_and_refusals() {
-        let h = SegmentHeader { shard: 1, first_seq: 99, created_ms: 7 };
+        let h = SegmentHeader {
+            shard: 1,
+            first_seq: 99,
+            created_ms: 7,
+        };
         assert_eq!(SegmentHeader::decode(&h.encode()), Ok(h));
         let mut bad = h.encode();
         bad[20] ^= 1;
-        assert!(SegmentHeader::decode(&bad).unwrap_err().contains("checksum"));
+        assert!(SegmentHeader::decode(&bad)
+            .unwrap_err()
+            .contains("checksum"));
         assert!(SegmentHeader::decode(b"short").is_err());
-        assert_eq!(parse_segment_file_name(&segment_file_name(0xabc)), Some(0xabc));
+        assert_eq!(
+            parse_segment_file_name(&segment_file_name(0xabc)),
+            Some(0xabc)
+        );
         assert_eq!(parse_segment_file_name("x.wal"), None);
     }
 
@@ -325,10 +383,19 @@ mod tests {
     fn records_round_trip_aligned() {
         let seg = segment(10, &[b"a", b"bcdefghij", b""]);
         let s = scan(&seg).unwrap();
-        assert_eq!(s.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![10, 11, 12]);
-        assert_eq!(&seg[s.records[1].payload.0..s.records[1].payload.1], b"bcdefghij");
+        assert_eq!(
+            s.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![10, 11, 12]
+        );
+        assert_eq!(
+            &seg[s.records[1].payload.0..s.records[1].payload.1],
+            b"bcdefghij"
+        );
         assert!(s.records.iter().all(|r| r.end % RECORD_ALIGN_BYTES == 0));
-        assert_eq!((s.valid_end, s.tail_bytes, s.corruption.len()), (seg.len(), 0, 0));
+        assert_eq!(
+            (s.valid_end, s.tail_bytes, s.corruption.len()),
+            (seg.len(), 0, 0)
+        );
     }
 
     #[test]
@@ -339,7 +406,10 @@ mod tests {
             let s = scan(&seg[..cut]).unwrap();
             let complete = full.records.iter().filter(|r| r.end <= cut).count();
             assert_eq!(s.records.len(), complete, "cut at {cut}");
-            assert!(s.corruption.is_empty(), "a torn tail is not corruption (cut {cut})");
+            assert!(
+                s.corruption.is_empty(),
+                "a torn tail is not corruption (cut {cut})"
+            );
         }
     }
 
@@ -349,7 +419,10 @@ mod tests {
         let s = scan(&seg).unwrap();
         seg[s.records[1].payload.0] ^= 0xff;
         let s2 = scan(&seg).unwrap();
-        assert_eq!(s2.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![5, 7]);
+        assert_eq!(
+            s2.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![5, 7]
+        );
         assert_eq!(s2.corruption.len(), 1);
         assert_eq!(s2.corruption[0].lost_seqs, (6, 6));
     }

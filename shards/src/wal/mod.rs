@@ -65,7 +65,9 @@ impl std::str::FromStr for Fsync {
             "always" => Ok(Fsync::Always),
             "batch" => Ok(Fsync::Batch),
             "never" => Ok(Fsync::Never),
-            _ => Err(format!("wal.fsync must be \"always\", \"batch\" or \"never\", not {s:?}")),
+            _ => Err(format!(
+                "wal.fsync must be \"always\", \"batch\" or \"never\", not {s:?}"
+            )),
         }
     }
 }
@@ -111,10 +113,19 @@ impl std::fmt::Display for WalError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             WalError::Full { retry_after_s } => {
-                write!(f, "write-ahead log is at its disk budget; retry after {retry_after_s}s")
+                write!(
+                    f,
+                    "write-ahead log is at its disk budget; retry after {retry_after_s}s"
+                )
             }
-            WalError::Failed { reason, retry_after_s } => {
-                write!(f, "write-ahead log write failed ({reason}); retry after {retry_after_s}s")
+            WalError::Failed {
+                reason,
+                retry_after_s,
+            } => {
+                write!(
+                    f,
+                    "write-ahead log write failed ({reason}); retry after {retry_after_s}s"
+                )
             }
         }
     }
@@ -207,7 +218,9 @@ pub struct Wal<S: Storage> {
 const GATHER_STEP_US: u64 = 200;
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl<S: Storage> Wal<S> {
@@ -229,7 +242,10 @@ impl<S: Storage> Wal<S> {
             let scan = match format::scan(&data) {
                 Ok(s) if s.header.first_seq == first => s,
                 Ok(s) => {
-                    rec.unreadable.push((first, format!("header says first_seq {}", s.header.first_seq)));
+                    rec.unreadable.push((
+                        first,
+                        format!("header says first_seq {}", s.header.first_seq),
+                    ));
                     continue;
                 }
                 Err(e) => {
@@ -245,7 +261,13 @@ impl<S: Storage> Wal<S> {
                     continue;
                 }
             };
-            let Scan { header, records, valid_end, tail_bytes, corruption } = scan;
+            let Scan {
+                header,
+                records,
+                valid_end,
+                tail_bytes,
+                corruption,
+            } = scan;
             let mut bytes = data.len() as u64;
             if tail_bytes > 0 {
                 if newest {
@@ -258,12 +280,24 @@ impl<S: Storage> Wal<S> {
                         format::Corruption {
                             offset: valid_end,
                             bytes: tail_bytes,
-                            lost_seqs: (records.last().map_or(first, |r| r.seq + 1), ids[i + 1] - 1),
+                            lost_seqs: (
+                                records.last().map_or(first, |r| r.seq + 1),
+                                ids[i + 1] - 1,
+                            ),
                         },
                     ));
                 }
             }
-            rec.corruption.extend(corruption.into_iter().map(|c| (first, c)));
+            rec.corruption
+                .extend(corruption.into_iter().map(|c| (first, c)));
+            if records.is_empty() && rec.corruption.iter().all(|(s, _)| *s != first) {
+                // Holds nothing: delete it, keeping its place in the sequence, so a new
+                // segment never has to take its name.
+                next_seq = next_seq.max(first);
+                storage.save_floor(next_seq.max(storage.load_floor()?.unwrap_or(0)))?;
+                storage.remove(first)?;
+                continue;
+            }
             let last_seq = records.last().map_or(first - 1, |r| r.seq);
             rec.segments += 1;
             rec.records += records.len() as u64;
@@ -273,7 +307,12 @@ impl<S: Storage> Wal<S> {
                 rec.last_seq = Some(last_seq);
             }
             next_seq = next_seq.max(last_seq + 1);
-            sealed.push_back(Sealed { first_seq: first, last_seq, bytes, created_ms: header.created_ms });
+            sealed.push_back(Sealed {
+                first_seq: first,
+                last_seq,
+                bytes,
+                created_ms: header.created_ms,
+            });
         }
         // Sequence numbers never go back, even if every segment was acknowledged and deleted.
         if let Some(floor) = storage.load_floor()? {
@@ -283,7 +322,11 @@ impl<S: Storage> Wal<S> {
         m.recovered_records.fetch_add(rec.records, Relaxed);
         m.recovered_segments.fetch_add(rec.segments, Relaxed);
         m.torn_tail_bytes.fetch_add(rec.torn_tail_bytes, Relaxed);
-        let lost: u64 = rec.corruption.iter().map(|(_, c)| c.lost_seqs.1.saturating_sub(c.lost_seqs.0) + 1).sum();
+        let lost: u64 = rec
+            .corruption
+            .iter()
+            .map(|(_, c)| c.lost_seqs.1.saturating_sub(c.lost_seqs.0) + 1)
+            .sum();
         m.corrupt_records.fetch_add(lost, Relaxed);
         m.bytes.store(rec.bytes, Relaxed);
         m.segments.store(sealed.len() as u64, Relaxed);
@@ -334,13 +377,21 @@ impl<S: Storage> Wal<S> {
 
     /// Appends one record built in place by `payload`, and resolves once it is durable
     /// (or written, with `fsync = never`). Returns its sequence number.
-    pub async fn append(&self, kind: u8, payload_format: u8, payload: impl FnOnce(&mut Vec<u8>)) -> Result<u64, WalError> {
+    pub async fn append(
+        &self,
+        kind: u8,
+        payload_format: u8,
+        payload: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<u64, WalError> {
         let retry_after_s = self.config.retry_after_s;
         let seq = {
             let mut st = self.state.borrow_mut();
             if let Some((reason, at)) = &st.failure {
                 if at.elapsed() < Duration::from_secs(u64::from(retry_after_s)) {
-                    return Err(WalError::Failed { reason: reason.clone(), retry_after_s });
+                    return Err(WalError::Failed {
+                        reason: reason.clone(),
+                        retry_after_s,
+                    });
                 }
                 // Time to try again: the next commit opens a fresh segment.
                 st.failure = None;
@@ -369,8 +420,16 @@ impl<S: Storage> Wal<S> {
                 return Ok(seq);
             }
             if failed_upto >= seq {
-                let reason = self.state.borrow().failure.as_ref().map_or_else(|| "write failed".into(), |f| f.0.clone());
-                return Err(WalError::Failed { reason, retry_after_s });
+                let reason = self
+                    .state
+                    .borrow()
+                    .failure
+                    .as_ref()
+                    .map_or_else(|| "write failed".into(), |f| f.0.clone());
+                return Err(WalError::Failed {
+                    reason,
+                    retry_after_s,
+                });
             }
             if committing {
                 self.committed.wait().await;
@@ -391,7 +450,8 @@ impl<S: Storage> Wal<S> {
                 if before >= self.config.group_commit_records_max || started.elapsed() >= limit {
                     break;
                 }
-                let step = Duration::from_micros(GATHER_STEP_US).min(limit.saturating_sub(started.elapsed()));
+                let step = Duration::from_micros(GATHER_STEP_US)
+                    .min(limit.saturating_sub(started.elapsed()));
                 glommio::timer::sleep(step).await;
                 if self.state.borrow().pending_records == before {
                     break; // the shard went quiet: nobody else to wait for
@@ -411,7 +471,10 @@ impl<S: Storage> Wal<S> {
         };
         if records > 0 {
             match self.write_and_sync(writer, &buf, first_seq).await {
-                Ok(w) => self.committed_ok(w, buf.len() as u64, records, last_seq).await,
+                Ok(w) => {
+                    self.committed_ok(w, buf.len() as u64, records, last_seq)
+                        .await
+                }
                 Err(e) => self.committed_err(e, buf.len() as u64, last_seq),
             }
         } else {
@@ -425,12 +488,22 @@ impl<S: Storage> Wal<S> {
         self.committed.notify_all();
     }
 
-    async fn write_and_sync(&self, writer: Option<S::Writer>, buf: &[u8], first_seq: u64) -> std::io::Result<S::Writer> {
+    async fn write_and_sync(
+        &self,
+        writer: Option<S::Writer>,
+        buf: &[u8],
+        first_seq: u64,
+    ) -> std::io::Result<S::Writer> {
         let mut writer = match writer {
             Some(w) => w,
             None => {
                 let created_ms = now_ms();
-                let header = SegmentHeader { shard: self.shard, first_seq, created_ms }.encode();
+                let header = SegmentHeader {
+                    shard: self.shard,
+                    first_seq,
+                    created_ms,
+                }
+                .encode();
                 let w = self.storage.create(first_seq, &header).await?;
                 let mut st = self.state.borrow_mut();
                 st.open_first_seq = first_seq;
@@ -446,7 +519,9 @@ impl<S: Storage> Wal<S> {
         if self.config.fsync != Fsync::Never {
             let t = Instant::now();
             writer.sync().await?;
-            self.metrics().fsync_seconds.observe(t.elapsed().as_secs_f64());
+            self.metrics()
+                .fsync_seconds
+                .observe(t.elapsed().as_secs_f64());
         }
         Ok(writer)
     }
@@ -502,7 +577,11 @@ impl<S: Storage> Wal<S> {
             let (first, keep) = (st.open_first_seq, st.open_durable_bytes);
             if keep == 0 {
                 // Nothing in it was ever durable (only its header).
-                if let Err(e) = self.storage.save_floor(st.next_seq).and_then(|_| self.storage.remove(first)) {
+                if let Err(e) = self
+                    .storage
+                    .save_floor(st.next_seq)
+                    .and_then(|_| self.storage.remove(first))
+                {
                     tracing::warn!(shard = self.shard, error = %e, "could not remove the failed WAL segment");
                 }
                 st.total_bytes = st.total_bytes.saturating_sub(st.open_bytes);
@@ -511,7 +590,12 @@ impl<S: Storage> Wal<S> {
                     tracing::warn!(shard = self.shard, error = %e, "could not trim the failed WAL segment");
                 }
                 let (last_seq, created_ms) = (st.durable_seq, st.open_created_ms);
-                st.sealed.push_back(Sealed { first_seq: first, last_seq, bytes: keep, created_ms });
+                st.sealed.push_back(Sealed {
+                    first_seq: first,
+                    last_seq,
+                    bytes: keep,
+                    created_ms,
+                });
             }
             st.open_first_seq = 0;
             st.open_bytes = 0;
@@ -529,13 +613,21 @@ impl<S: Storage> Wal<S> {
     fn publish(&self, st: &State<S::Writer>) {
         let m = self.metrics();
         m.bytes.store(st.total_bytes, Relaxed);
-        m.segments.store(st.sealed.len() as u64 + u64::from(st.open_first_seq != 0), Relaxed);
+        m.segments.store(
+            st.sealed.len() as u64 + u64::from(st.open_first_seq != 0),
+            Relaxed,
+        );
     }
 
     /// The shipper's acknowledgement: records up to `seq` are safe elsewhere. Deletes
     /// every sealed segment that holds nothing newer. Returns the segments deleted.
     pub fn ack(&self, seq: u64) -> std::io::Result<usize> {
-        let deletable = self.state.borrow().sealed.front().is_some_and(|s| s.last_seq <= seq);
+        let deletable = self
+            .state
+            .borrow()
+            .sealed
+            .front()
+            .is_some_and(|s| s.last_seq <= seq);
         if deletable {
             self.save_floor()?;
         }
@@ -553,7 +645,9 @@ impl<S: Storage> Wal<S> {
                 _ => break,
             }
         }
-        self.metrics().truncated_segments.fetch_add(deleted as u64, Relaxed);
+        self.metrics()
+            .truncated_segments
+            .fetch_add(deleted as u64, Relaxed);
         self.publish(&self.state.borrow());
         Ok(deleted)
     }
@@ -561,7 +655,10 @@ impl<S: Storage> Wal<S> {
     /// Interim, until the shipper acknowledges: drop the oldest sealed segments above
     /// the size or age limits, counting what was never shipped.
     fn apply_retention(&self) {
-        let (bytes_max, age_max_ms) = (self.config.retention_bytes, self.config.retention_age_s * 1000);
+        let (bytes_max, age_max_ms) = (
+            self.config.retention_bytes,
+            self.config.retention_age_s * 1000,
+        );
         if bytes_max == 0 && age_max_ms == 0 {
             return;
         }
@@ -571,7 +668,8 @@ impl<S: Storage> Wal<S> {
                 match st.sealed.front() {
                     Some(s) => {
                         (bytes_max > 0 && st.total_bytes > bytes_max)
-                            || (age_max_ms > 0 && now_ms().saturating_sub(s.created_ms) > age_max_ms)
+                            || (age_max_ms > 0
+                                && now_ms().saturating_sub(s.created_ms) > age_max_ms)
                     }
                     None => false,
                 }
@@ -579,15 +677,29 @@ impl<S: Storage> Wal<S> {
             if !drop_front {
                 break;
             }
-            let s = self.state.borrow_mut().sealed.pop_front().expect("checked above");
-            if let Err(e) = self.save_floor().and_then(|_| self.storage.remove(s.first_seq)) {
+            let s = self
+                .state
+                .borrow_mut()
+                .sealed
+                .pop_front()
+                .expect("checked above");
+            if let Err(e) = self
+                .save_floor()
+                .and_then(|_| self.storage.remove(s.first_seq))
+            {
                 tracing::warn!(shard = self.shard, error = %e, "WAL retention could not delete a segment");
                 self.state.borrow_mut().sealed.push_front(s);
                 break;
             }
             let records = s.last_seq + 1 - s.first_seq;
-            tracing::warn!(shard = self.shard, records, "WAL retention deleted records that were never shipped");
-            self.metrics().retention_dropped_records.fetch_add(records, Relaxed);
+            tracing::warn!(
+                shard = self.shard,
+                records,
+                "WAL retention deleted records that were never shipped"
+            );
+            self.metrics()
+                .retention_dropped_records
+                .fetch_add(records, Relaxed);
             let mut st = self.state.borrow_mut();
             st.total_bytes = st.total_bytes.saturating_sub(s.bytes);
         }

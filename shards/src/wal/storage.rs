@@ -23,7 +23,11 @@ pub trait Storage {
     fn load_floor(&self) -> io::Result<Option<u64>>;
     /// Creates a segment whose directory entry is durable, and starts it with `header`
     /// (written, not yet synced).
-    fn create(&self, first_seq: u64, header: &[u8]) -> impl Future<Output = io::Result<Self::Writer>>;
+    fn create(
+        &self,
+        first_seq: u64,
+        header: &[u8],
+    ) -> impl Future<Output = io::Result<Self::Writer>>;
 }
 
 /// Appends to one segment. `write` may buffer; `sync` makes everything written so far
@@ -47,7 +51,9 @@ const WRITE_BEHIND_BUFFERS: usize = 4;
 impl DmaStorage {
     pub fn open(dir: &Path) -> io::Result<DmaStorage> {
         std::fs::create_dir_all(dir)?;
-        Ok(DmaStorage { dir: dir.to_path_buf() })
+        Ok(DmaStorage {
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn path(&self, first_seq: u64) -> PathBuf {
@@ -78,7 +84,12 @@ pub fn load_floor(dir: &Path) -> io::Result<Option<u64>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("{} is damaged", dir.join(FLOOR_FILE).display()));
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is damaged", dir.join(FLOOR_FILE).display()),
+        )
+    };
     if b.len() != 12 {
         return Err(bad());
     }
@@ -118,7 +129,9 @@ impl Storage for DmaStorage {
     }
 
     fn truncate(&self, first_seq: u64, len: u64) -> io::Result<()> {
-        let f = std::fs::OpenOptions::new().write(true).open(self.path(first_seq))?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.path(first_seq))?;
         f.set_len(len)?;
         f.sync_all()
     }
@@ -144,7 +157,17 @@ impl Storage for DmaStorage {
 
     async fn create(&self, first_seq: u64, header: &[u8]) -> io::Result<DmaSegmentWriter> {
         use futures_lite::AsyncWriteExt;
-        let file = glommio::io::DmaFile::create(self.path(first_seq)).await.map_err(io::Error::from)?;
+        let path = self.path(first_seq);
+        if path.exists() {
+            // Never truncate a segment by reusing its name.
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} already exists", path.display()),
+            ));
+        }
+        let file = glommio::io::DmaFile::create(&path)
+            .await
+            .map_err(io::Error::from)?;
         // The new name must survive a crash before any record in it is acknowledged.
         self.sync_dir()?;
         let mut writer = glommio::io::DmaStreamWriterBuilder::new(file)
