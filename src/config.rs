@@ -5,6 +5,7 @@ use anyhow::{bail, Context};
 use promgate_proto::Limits;
 use promgate_shards::receive::ReceiveConfig;
 use promgate_shards::runtime::AgentOptions;
+use promgate_shards::wal::{Fsync, WalConfig};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,22 @@ pub struct File {
     #[serde(default)]
     pub limits: LimitsSection,
     #[serde(default)]
+    pub wal: WalSection,
+    #[serde(default)]
     pub log: LogSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalSection {
+    pub fsync: Option<String>,
+    pub group_commit_delay_us: Option<u64>,
+    pub group_commit_records_max: Option<usize>,
+    pub segment_bytes: Option<u64>,
+    pub max_bytes: Option<u64>,
+    pub retry_after_s: Option<u32>,
+    pub retention_bytes: Option<u64>,
+    pub retention_age_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +114,15 @@ pub struct AgentFlags {
     /// Most labels per series [default: 128].
     #[arg(long)]
     pub labels_per_series_max: Option<u32>,
+    /// WAL durability: always, batch (group commit) or never [default: batch].
+    #[arg(long)]
+    pub wal_fsync: Option<String>,
+    /// WAL disk budget per shard, bytes; at it, writes get 503 [default: 1073741824].
+    #[arg(long)]
+    pub wal_max_bytes: Option<u64>,
+    /// WAL segment file size, bytes [default: 67108864].
+    #[arg(long)]
+    pub wal_segment_bytes: Option<u64>,
     /// Log level or tracing filter (RUST_LOG also works) [default: info].
     #[arg(long)]
     pub log_level: Option<String>,
@@ -107,6 +132,7 @@ pub struct AgentFlags {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub options: AgentOptions,
+    pub wal: WalConfig,
     pub data_dir: PathBuf,
     pub data_dir_explicit: bool,
     pub log_level: String,
@@ -180,7 +206,35 @@ impl AgentConfig {
                     .unwrap_or(l.label_value_bytes_max),
             },
         };
+        let w = WalConfig::default();
+        let fsync: Fsync = match flags.wal_fsync.clone().or(file.wal.fsync) {
+            Some(text) => text.parse().map_err(anyhow::Error::msg)?,
+            None => w.fsync,
+        };
+        let wal = WalConfig {
+            fsync,
+            group_commit_delay_us: file
+                .wal
+                .group_commit_delay_us
+                .unwrap_or(w.group_commit_delay_us),
+            group_commit_records_max: file
+                .wal
+                .group_commit_records_max
+                .unwrap_or(w.group_commit_records_max),
+            segment_bytes: flags
+                .wal_segment_bytes
+                .or(file.wal.segment_bytes)
+                .unwrap_or(w.segment_bytes),
+            max_bytes: flags
+                .wal_max_bytes
+                .or(file.wal.max_bytes)
+                .unwrap_or(w.max_bytes),
+            retry_after_s: file.wal.retry_after_s.unwrap_or(w.retry_after_s),
+            retention_bytes: file.wal.retention_bytes.unwrap_or(w.retention_bytes),
+            retention_age_s: file.wal.retention_age_s.unwrap_or(w.retention_age_s),
+        };
         let config = AgentConfig {
+            wal,
             options: AgentOptions {
                 listen,
                 shards,
@@ -206,7 +260,15 @@ impl AgentConfig {
 
     fn validate(&self) -> anyhow::Result<()> {
         let r = &self.options.receive;
-        let checks: [(&str, u64, u64); 10] = [
+        let checks: [(&str, u64, u64); 14] = [
+            ("wal.segment_bytes", self.wal.segment_bytes, 4096),
+            ("wal.max_bytes", self.wal.max_bytes, 64 * 1024),
+            (
+                "wal.group_commit_records_max",
+                self.wal.group_commit_records_max as u64,
+                1,
+            ),
+            ("wal.retry_after_s", u64::from(self.wal.retry_after_s), 1),
             (
                 "receive.connections_per_shard_max",
                 r.connections_per_shard_max as u64,
@@ -283,6 +345,15 @@ mod tests {
         assert_eq!(c.options.receive.decoded_bytes_max, d.decoded_bytes_max);
         assert_eq!(c.options.receive.limits, Limits::default());
         assert_eq!(c.data_dir, PathBuf::from(DATA_DIR_DEFAULT));
+        let w = WalConfig::default();
+        assert_eq!(
+            (c.wal.fsync, c.wal.max_bytes, c.wal.segment_bytes),
+            (w.fsync, w.max_bytes, w.segment_bytes)
+        );
+        assert_eq!(
+            (c.wal.group_commit_delay_us, c.wal.group_commit_records_max),
+            (w.group_commit_delay_us, w.group_commit_records_max)
+        );
     }
 
     #[test]

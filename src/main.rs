@@ -2,11 +2,14 @@
 //! `promgate run` (also plain `promgate`) is the one-command embedded default.
 
 mod config;
+mod inspect;
 
 use clap::{Parser, Subcommand};
 use config::{AgentConfig, AgentFlags};
-use promgate_shards::sink::CountingSink;
-use std::path::PathBuf;
+use promgate_shards::sink::WalSink;
+use promgate_shards::wal::storage::DmaStorage;
+use promgate_shards::wal::Wal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -35,6 +38,25 @@ enum Command {
     Run {
         #[command(flatten)]
         flags: AgentFlags,
+    },
+    /// Look at the write-ahead log.
+    Wal {
+        #[command(subcommand)]
+        command: WalCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WalCommand {
+    /// Print, per shard, segments, records, series, samples, sequence range and any
+    /// corruption, without modifying anything. Exits 1 if a problem was found.
+    Inspect {
+        /// The agent's data directory (its WAL is under DIR/wal).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Print every sample (labels, timestamp, value and its bits) instead.
+        #[arg(long)]
+        dump: bool,
     },
 }
 
@@ -73,8 +95,63 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
     let mut config = AgentConfig::resolve(flags)?;
     init_logging(&config.log_level);
     prepare_data_dir(&mut config, allow_fallback)?;
-    tracing::warn!("acknowledgement is not yet durable: decoded batches go to a counting sink until the WAL lands");
-    promgate_shards::runtime::run(config.options, |_shard| CountingSink::default())
+    warn_orphan_shards(&config.data_dir, config.options.shards);
+    let wal_root = config.data_dir.join("wal");
+    let wal_config = config.wal.clone();
+    tracing::info!(dir = %wal_root.display(), fsync = ?wal_config.fsync, max_bytes = wal_config.max_bytes, "write-ahead log");
+    promgate_shards::runtime::run(config.options, move |shard, metrics| {
+        use anyhow::Context;
+        let dir = wal_root.join(format!("shard-{shard}"));
+        let storage = DmaStorage::open(&dir)
+            .with_context(|| format!("opening WAL directory {}", dir.display()))?;
+        let (wal, rec) = Wal::open(storage, shard as u32, wal_config.clone(), metrics.clone())
+            .with_context(|| format!("recovering WAL in {}", dir.display()))?;
+        tracing::info!(
+            shard,
+            segments = rec.segments,
+            records = rec.records,
+            bytes = rec.bytes,
+            first_seq = ?rec.first_seq,
+            last_seq = ?rec.last_seq,
+            torn_tail_bytes = rec.torn_tail_bytes,
+            "WAL recovered"
+        );
+        for (segment, c) in &rec.corruption {
+            tracing::error!(
+                shard,
+                segment,
+                offset = c.offset,
+                bytes = c.bytes,
+                lost_first = c.lost_seqs.0,
+                lost_last = c.lost_seqs.1,
+                "corrupt WAL records: these sequence numbers are lost"
+            );
+        }
+        for (segment, why) in &rec.unreadable {
+            tracing::error!(shard, segment, reason = %why, "unreadable WAL segment left in place");
+        }
+        Ok(WalSink { wal })
+    })
+}
+
+/// A WAL directory of a shard that no longer runs still holds records; say so.
+fn warn_orphan_shards(data_dir: &Path, shards: usize) {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("wal")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name
+            .strip_prefix("shard-")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            let has_segments = promgate_shards::wal::storage::list_segments(&e.path())
+                .is_ok_and(|l| !l.is_empty());
+            if n >= shards && has_segments {
+                tracing::warn!(shard = n, shards, "a WAL of a shard that is not running holds records; run with more shards to keep them");
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -103,6 +180,13 @@ fn main() -> ExitCode {
         },
         Command::Agent { flags, .. } => run_agent(&flags, false),
         Command::Run { flags } => run_agent(&flags, true),
+        Command::Wal {
+            command: WalCommand::Inspect { data_dir, dump },
+        } => match inspect::run(&data_dir, dump) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -310,7 +310,7 @@ pub fn sample_timestamp_ms(
 pub fn sample_value(series: u64, round: u64, samples_per_series: usize, sample: usize) -> f64 {
     // A deterministic sprinkling of Prometheus staleness markers, so receivers are
     // checked for carrying that exact NaN payload through.
-    if series % STALE_SERIES_EVERY == 0
+    if series.is_multiple_of(STALE_SERIES_EVERY)
         && (round + sample as u64) % STALE_ROUND_EVERY == STALE_ROUND_EVERY - 1
     {
         return f64::from_bits(STALE_NAN_BITS);

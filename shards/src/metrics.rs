@@ -187,6 +187,9 @@ impl ShardMetrics {
     }
 }
 
+/// Reads one counter of a shard's metrics.
+type Getter = fn(&ShardMetrics) -> &AtomicU64;
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -248,7 +251,7 @@ pub fn render(shards: &[ShardMetrics], out: &mut String) {
             let _ = writeln!(out, "{name}{{shard=\"{i}\",reason=\"{reason}\"}} {v}");
         }
     }
-    let counters: [(&str, &str, fn(&ShardMetrics) -> &AtomicU64); 7] = [
+    let counters: [(&str, &str, Getter); 7] = [
         (
             "promgate_agent_receive_bytes_total",
             "Compressed remote_write body bytes received.",
@@ -341,7 +344,7 @@ pub fn render(shards: &[ShardMetrics], out: &mut String) {
 }
 
 fn render_wal(shards: &[ShardMetrics], out: &mut String) {
-    let gauges: [(&str, &str, fn(&ShardMetrics) -> &AtomicU64); 2] = [
+    let gauges: [(&str, &str, Getter); 2] = [
         (
             "promgate_agent_wal_bytes",
             "Bytes of WAL segments on disk (and being written).",
@@ -354,7 +357,7 @@ fn render_wal(shards: &[ShardMetrics], out: &mut String) {
     for (name, help, get) in gauges {
         per_shard(out, name, "gauge", help, shards, get);
     }
-    let counters: [(&str, &str, fn(&ShardMetrics) -> &AtomicU64); 10] = [
+    let counters: [(&str, &str, Getter); 10] = [
         (
             "promgate_agent_wal_appended_records_total",
             "Records (requests) made durable.",

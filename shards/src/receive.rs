@@ -11,7 +11,7 @@
 
 use crate::http::{self, Chunked, ChunkedError, Head, Method};
 use crate::metrics::ShardMetrics;
-use crate::sink::{Sink, SinkError};
+use crate::sink::{Accepted, Sink};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use promgate_proto::remote_write::{self, RequestError};
@@ -391,7 +391,8 @@ impl<S: Sink> Conn<S> {
         let ctx = self.ctx.clone();
         let metrics = ctx.metrics();
         let cfg = &ctx.config;
-        let compressed: &[u8] = if consumed == 0 {
+        let from_chunked = consumed == 0;
+        let compressed: &[u8] = if from_chunked {
             &self.chunked_body[body.clone()]
         } else {
             &self.input[body.clone()]
@@ -408,7 +409,6 @@ impl<S: Sink> Conn<S> {
                 return self.refused(&e, Some(protocol));
             }
         };
-        self.finish_body(consumed);
         let raw = &self.decoded[..decoded_len];
         let result = decode(
             protocol,
@@ -420,27 +420,35 @@ impl<S: Sink> Conn<S> {
         metrics.decode_time(started.elapsed().as_nanos() as u64);
         metrics.decode_bytes.fetch_add(decoded_len as u64, Relaxed);
         if let Err(e) = result {
+            self.finish_body(consumed);
             return self.refused(&RequestError::Decode(e), Some(protocol));
         }
         let counts = self.batch.counts();
-        if !self.batch.is_empty() {
-            if let Err(e) = ctx
-                .sink
-                .write(Decoded {
+        let written = if self.batch.is_empty() {
+            Ok(())
+        } else {
+            let compressed: &[u8] = if from_chunked {
+                &self.chunked_body[body.clone()]
+            } else {
+                &self.input[body.clone()]
+            };
+            let accepted = Accepted {
+                protocol,
+                compressed,
+                decoded: Decoded {
                     batch: &self.batch,
                     body: raw,
-                })
-                .await
-            {
-                metrics.request_reject("sink_unavailable");
-                let mut a = Answer::new(503, e.to_string());
-                a.retry_after_s = Some(match e {
-                    SinkError::Full { retry_after_s } => retry_after_s,
-                    SinkError::Failed(_) => cfg.retry_after_s,
-                });
-                a.written = (protocol == Protocol::V2).then_some((0, 0, 0));
-                return a;
-            }
+                },
+            };
+            ctx.sink.write(accepted).await
+        };
+        self.finish_body(consumed);
+        if let Err(e) = written {
+            metrics.request_reject("sink_unavailable");
+            let mut a = Answer::new(503, e.to_string());
+            a.retry_after_s = Some(e.retry_after_s());
+            a.written = (protocol == Protocol::V2).then_some((0, 0, 0));
+            return a;
         }
         metrics.series.fetch_add(counts.series, Relaxed);
         metrics.samples.fetch_add(counts.samples, Relaxed);

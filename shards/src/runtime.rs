@@ -85,12 +85,11 @@ pub fn preflight() -> anyhow::Result<()> {
     bail!("io_uring cannot start ({err}): {fix}")
 }
 
-/// Starts the shards and serves until the process ends. `make_sink` runs once per
-/// shard, on that shard's thread.
+/// Starts the shards and serves until the process ends.
 pub fn run<S, F>(opts: AgentOptions, make_sink: F) -> anyhow::Result<()>
 where
     S: Sink + 'static,
-    F: Fn(usize) -> S + Send + Sync + 'static,
+    F: Fn(usize, &Arc<Vec<ShardMetrics>>) -> anyhow::Result<S> + Send + Sync + 'static,
 {
     let handles = start(opts, make_sink)?;
     for h in handles.handles {
@@ -106,11 +105,12 @@ pub struct Started {
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
-/// Starts the shards and returns once every one is listening.
+/// Starts the shards and returns once every one is listening. `make_sink` runs once
+/// per shard, on that shard's thread (the WAL recovers there); its error stops start-up.
 pub fn start<S, F>(opts: AgentOptions, make_sink: F) -> anyhow::Result<Started>
 where
     S: Sink + 'static,
-    F: Fn(usize) -> S + Send + Sync + 'static,
+    F: Fn(usize, &Arc<Vec<ShardMetrics>>) -> anyhow::Result<S> + Send + Sync + 'static,
 {
     assert!(
         opts.shards > 0,
@@ -119,11 +119,7 @@ where
     preflight()?;
     // Probe the address without SO_REUSEPORT: this fails if anything else holds it
     // (so two agents never silently split one port), and resolves port 0.
-    let addr = {
-        let probe = std::net::TcpListener::bind(opts.listen)
-            .with_context(|| format!("cannot listen on {}", opts.listen))?;
-        probe.local_addr()?
-    };
+    let addr = probe_bind(opts.listen)?;
     let cpus = allowed_cpus();
     let metrics: Arc<Vec<ShardMetrics>> =
         Arc::new((0..opts.shards).map(|_| ShardMetrics::default()).collect());
@@ -142,14 +138,20 @@ where
             .name(&format!("shard{id}"))
             .io_memory(opts.io_memory_bytes)
             .spawn(move || async move {
-                let listener = match glommio::net::TcpListener::bind(addr) {
+                let listener = match listen(addr) {
                     Ok(l) => l,
                     Err(e) => {
                         let _ = tx.send(Err(format!("shard {id} cannot listen on {addr}: {e}")));
                         return;
                     }
                 };
-                let sink = make_sink(id);
+                let sink = match make_sink(id, &metrics) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("shard {id}: {e:#}")));
+                        return;
+                    }
+                };
                 let _ = tx.send(Ok(()));
                 serve(
                     listener,
@@ -184,6 +186,49 @@ where
         handles,
     })
 }
+
+/// Binds `addr` once without SO_REUSEPORT and returns the bound address. A process
+/// that just died can hold its port for a moment (io_uring finishes its in-flight
+/// requests, such as a pending accept, after the process is gone), so an address in
+/// use is retried for a few seconds before giving up.
+fn probe_bind(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let deadline = std::time::Instant::now() + Duration::from_millis(BIND_RETRY_MS);
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(probe) => return Ok(probe.local_addr()?),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot listen on {addr}")),
+        }
+    }
+}
+
+/// How long an address in use is retried at start-up.
+const BIND_RETRY_MS: u64 = 5_000;
+
+/// A listening socket with SO_REUSEPORT (one per shard on the same address) and
+/// SO_REUSEADDR, which accepted connections inherit: after a crash, their leftover
+/// sockets (FIN_WAIT2, TIME_WAIT) then do not stop the restarted agent from binding.
+/// Must run on the shard's executor.
+fn listen(addr: SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    // SAFETY: the descriptor is a bound, listening TCP socket whose ownership moves
+    // into the glommio listener here and nowhere else.
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(socket.into_raw_fd()) })
+}
+
+/// Pending connections per shard listener.
+const LISTEN_BACKLOG: i32 = 1024;
 
 fn hint() -> &'static str {
     "io_uring needs locked memory (`ulimit -l unlimited`, LimitMEMLOCK=infinity) and must not be blocked by \

@@ -1,40 +1,88 @@
-//! sink: where a decoded, validated batch goes before the request is answered.
+//! sink: where an accepted request goes before it is answered.
 //!
 //! The receive path answers 2xx only after [`Sink::write`] resolves `Ok`, so the sink
-//! decides what an acknowledgement means. Today the only sink is [`CountingSink`]:
-//! it counts and drops, so **acknowledgement is not yet durable**. The WAL sink
-//! (issue: write-ahead log) replaces it without touching the receive path.
+//! decides what an acknowledgement means. [`WalSink`] (the agent's) resolves once the
+//! request is durable in the shard's write-ahead log; [`CountingSink`] keeps nothing
+//! and serves tests and benchmarks of the receive path alone.
 
-use promgate_proto::Decoded;
+use crate::wal::format::{remote_write_payload, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
+use crate::wal::storage::Storage;
+use crate::wal::{Wal, WalError};
+use promgate_proto::{Decoded, Protocol};
 use std::cell::Cell;
 use std::future::Future;
 
-/// Why a sink could not take a batch; both answer 503 with `Retry-After`.
+/// Why a sink could not take a request; both answer 503 with `Retry-After`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SinkError {
-    /// Out of budget (disk, queue): retry after this many seconds.
+    /// Out of budget (disk): retry after this many seconds.
     Full { retry_after_s: u32 },
     /// The write failed (I/O error); nothing from this request may be acknowledged.
-    Failed(String),
+    Failed { reason: String, retry_after_s: u32 },
 }
 
 impl std::fmt::Display for SinkError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SinkError::Full { retry_after_s } => {
-                write!(f, "agent is full; retry after {retry_after_s}s")
+            SinkError::Full { retry_after_s } => write!(
+                f,
+                "agent is at its disk budget; retry after {retry_after_s}s"
+            ),
+            SinkError::Failed {
+                reason,
+                retry_after_s,
+            } => {
+                write!(
+                    f,
+                    "could not make the request durable ({reason}); retry after {retry_after_s}s"
+                )
             }
-            SinkError::Failed(e) => write!(f, "write failed: {e}"),
         }
     }
 }
 
-/// One per shard; never shared across threads.
-pub trait Sink {
-    fn write(&self, batch: Decoded<'_>) -> impl Future<Output = Result<(), SinkError>>;
+impl SinkError {
+    pub fn retry_after_s(&self) -> u32 {
+        match self {
+            SinkError::Full { retry_after_s } | SinkError::Failed { retry_after_s, .. } => {
+                *retry_after_s
+            }
+        }
+    }
 }
 
-/// Counts what it is given and keeps nothing. Stands in for the WAL until it lands.
+impl From<WalError> for SinkError {
+    fn from(e: WalError) -> Self {
+        match e {
+            WalError::Full { retry_after_s } => SinkError::Full { retry_after_s },
+            WalError::Failed {
+                reason,
+                retry_after_s,
+            } => SinkError::Failed {
+                reason,
+                retry_after_s,
+            },
+        }
+    }
+}
+
+/// One accepted request: the body as it came, and what the decoder kept of it.
+#[derive(Clone, Copy)]
+pub struct Accepted<'a> {
+    pub protocol: Protocol,
+    /// The snappy-compressed body exactly as received.
+    pub compressed: &'a [u8],
+    /// The decoded, validated batch (refused series already left out and listed in
+    /// `batch.rejected.indexes`).
+    pub decoded: Decoded<'a>,
+}
+
+/// One per shard; never shared across threads.
+pub trait Sink {
+    fn write(&self, request: Accepted<'_>) -> impl Future<Output = Result<(), SinkError>>;
+}
+
+/// Counts what it is given and keeps nothing.
 #[derive(Default)]
 pub struct CountingSink {
     pub batches: Cell<u64>,
@@ -42,10 +90,41 @@ pub struct CountingSink {
 }
 
 impl Sink for CountingSink {
-    async fn write(&self, batch: Decoded<'_>) -> Result<(), SinkError> {
+    async fn write(&self, request: Accepted<'_>) -> Result<(), SinkError> {
         self.batches.set(self.batches.get() + 1);
         self.samples
-            .set(self.samples.get() + batch.batch.samples.len() as u64);
+            .set(self.samples.get() + request.decoded.batch.samples.len() as u64);
         Ok(())
+    }
+}
+
+/// Makes each request durable in the shard's WAL before it is acknowledged.
+pub struct WalSink<S: Storage> {
+    pub wal: Wal<S>,
+}
+
+/// The protocol byte of WAL payload format 1.
+pub fn protocol_byte(p: Protocol) -> u8 {
+    match p {
+        Protocol::V1 => 1,
+        Protocol::V2 => 2,
+    }
+}
+
+impl<S: Storage> Sink for WalSink<S> {
+    async fn write(&self, request: Accepted<'_>) -> Result<(), SinkError> {
+        let rejected = &request.decoded.batch.rejected.indexes;
+        self.wal
+            .append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |out| {
+                remote_write_payload(
+                    out,
+                    protocol_byte(request.protocol),
+                    rejected,
+                    request.compressed,
+                )
+            })
+            .await
+            .map(drop)
+            .map_err(SinkError::from)
     }
 }

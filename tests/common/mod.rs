@@ -37,7 +37,12 @@ pub struct Agent {
 impl Agent {
     pub fn start(name: &str, extra: &[&str]) -> Agent {
         let dir = temp_dir(name);
-        let port = free_port();
+        Agent::start_in(&dir, &dir.join("data"), free_port(), extra)
+    }
+
+    /// Starts an agent on a given data directory and port (also to restart one);
+    /// its log is appended to `dir/agent.log`.
+    pub fn start_in(dir: &Path, data_dir: &Path, port: u16, extra: &[&str]) -> Agent {
         let log = dir.join("agent.log");
         let child = Command::new(env!("CARGO_BIN_EXE_promgate"))
             .args([
@@ -46,10 +51,16 @@ impl Agent {
                 &format!("127.0.0.1:{port}"),
                 "--data-dir",
             ])
-            .arg(dir.join("data"))
+            .arg(data_dir)
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
             .spawn()
             .expect("start promgate agent");
         let agent = Agent { child, port, log };

@@ -239,24 +239,28 @@ impl<S: Storage> Wal<S> {
         for (i, first) in ids.iter().copied().enumerate() {
             let data = storage.read(first)?;
             let newest = i + 1 == ids.len();
+            if data.len() < format::HEADER_BYTES {
+                // Created, but not even its header became durable: it never held an
+                // acknowledged record (a record is acknowledged only after a sync that
+                // covers the header). Removing it needs no free space.
+                storage.remove(first)?;
+                rec.torn_tail_bytes += data.len() as u64;
+                continue;
+            }
             let scan = match format::scan(&data) {
                 Ok(s) if s.header.first_seq == first => s,
                 Ok(s) => {
-                    rec.unreadable.push((
-                        first,
-                        format!("header says first_seq {}", s.header.first_seq),
-                    ));
+                    let why = format!("header says first_seq {}", s.header.first_seq);
+                    rec.unreadable.push((first, why));
+                    continue;
+                }
+                Err(_) if newest => {
+                    // A torn creation of the newest segment, for the same reason.
+                    storage.remove(first)?;
+                    rec.torn_tail_bytes += data.len() as u64;
                     continue;
                 }
                 Err(e) => {
-                    if newest {
-                        // Created, but its header never became durable: a record is only
-                        // acknowledged after a sync that covers the header too, so there
-                        // is nothing acknowledged in it. A torn creation, not corruption.
-                        storage.remove(first)?;
-                        rec.torn_tail_bytes += data.len() as u64;
-                        continue;
-                    }
                     rec.unreadable.push((first, e));
                     continue;
                 }
@@ -290,13 +294,9 @@ impl<S: Storage> Wal<S> {
             }
             rec.corruption
                 .extend(corruption.into_iter().map(|c| (first, c)));
-            if records.is_empty() && rec.corruption.iter().all(|(s, _)| *s != first) {
-                // Holds nothing: delete it, keeping its place in the sequence, so a new
-                // segment never has to take its name.
-                next_seq = next_seq.max(first);
-                storage.save_floor(next_seq.max(storage.load_floor()?.unwrap_or(0)))?;
-                storage.remove(first)?;
-                continue;
+            if records.is_empty() {
+                // Holds nothing, but its name is taken: never hand out `first` again.
+                next_seq = next_seq.max(first + 1);
             }
             let last_seq = records.last().map_or(first - 1, |r| r.seq);
             rec.segments += 1;
@@ -470,12 +470,18 @@ impl<S: Storage> Wal<S> {
             (buf, records, first, last, st.writer.take())
         };
         if records > 0 {
-            match self.write_and_sync(writer, &buf, first_seq).await {
-                Ok(w) => {
+            let mut writer = writer;
+            match self.write_and_sync(&mut writer, &buf, first_seq).await {
+                Ok(()) => {
+                    let w = writer.expect("a successful write leaves a writer");
                     self.committed_ok(w, buf.len() as u64, records, last_seq)
-                        .await
+                        .await;
                 }
-                Err(e) => self.committed_err(e, buf.len() as u64, last_seq),
+                Err(e) => {
+                    // Its write completed (failed): nothing of it is still in flight.
+                    drop(writer);
+                    self.committed_err(e, buf.len() as u64, last_seq);
+                }
             }
         } else {
             self.state.borrow_mut().writer = writer;
@@ -490,31 +496,29 @@ impl<S: Storage> Wal<S> {
 
     async fn write_and_sync(
         &self,
-        writer: Option<S::Writer>,
+        slot: &mut Option<S::Writer>,
         buf: &[u8],
         first_seq: u64,
-    ) -> std::io::Result<S::Writer> {
-        let mut writer = match writer {
-            Some(w) => w,
-            None => {
-                let created_ms = now_ms();
-                let header = SegmentHeader {
-                    shard: self.shard,
-                    first_seq,
-                    created_ms,
-                }
-                .encode();
-                let w = self.storage.create(first_seq, &header).await?;
-                let mut st = self.state.borrow_mut();
-                st.open_first_seq = first_seq;
-                st.open_bytes = header.len() as u64;
-                st.open_durable_bytes = 0;
-                st.open_created_ms = created_ms;
-                st.total_bytes += header.len() as u64;
-                self.publish(&st);
-                w
+    ) -> std::io::Result<()> {
+        if slot.is_none() {
+            let created_ms = now_ms();
+            let header = SegmentHeader {
+                shard: self.shard,
+                first_seq,
+                created_ms,
             }
-        };
+            .encode();
+            let w = self.storage.create(first_seq, &header).await?;
+            let mut st = self.state.borrow_mut();
+            st.open_first_seq = first_seq;
+            st.open_bytes = header.len() as u64;
+            st.open_durable_bytes = 0;
+            st.open_created_ms = created_ms;
+            st.total_bytes += header.len() as u64;
+            self.publish(&st);
+            *slot = Some(w);
+        }
+        let writer = slot.as_mut().expect("set above");
         writer.write(buf).await?;
         if self.config.fsync != Fsync::Never {
             let t = Instant::now();
@@ -523,7 +527,7 @@ impl<S: Storage> Wal<S> {
                 .fsync_seconds
                 .observe(t.elapsed().as_secs_f64());
         }
-        Ok(writer)
+        Ok(())
     }
 
     async fn committed_ok(&self, writer: S::Writer, bytes: u64, records: usize, last_seq: u64) {
@@ -575,20 +579,14 @@ impl<S: Storage> Wal<S> {
         // half-written commit as corruption in the middle of the log.
         if st.open_first_seq != 0 {
             let (first, keep) = (st.open_first_seq, st.open_durable_bytes);
+            // Cutting needs no free space, unlike deleting (which records the sequence
+            // floor first). A segment cut to nothing is removed at the next start.
+            if let Err(e) = self.storage.truncate(first, keep) {
+                tracing::warn!(shard = self.shard, segment = first, error = %e, "could not trim the failed WAL segment");
+            }
             if keep == 0 {
-                // Nothing in it was ever durable (only its header).
-                if let Err(e) = self
-                    .storage
-                    .save_floor(st.next_seq)
-                    .and_then(|_| self.storage.remove(first))
-                {
-                    tracing::warn!(shard = self.shard, error = %e, "could not remove the failed WAL segment");
-                }
                 st.total_bytes = st.total_bytes.saturating_sub(st.open_bytes);
             } else {
-                if let Err(e) = self.storage.truncate(first, keep) {
-                    tracing::warn!(shard = self.shard, error = %e, "could not trim the failed WAL segment");
-                }
                 let (last_seq, created_ms) = (st.durable_seq, st.open_created_ms);
                 st.sealed.push_back(Sealed {
                     first_seq: first,

@@ -43,11 +43,6 @@ pub struct DmaStorage {
     dir: PathBuf,
 }
 
-/// Size of each direct-I/O buffer of the stream writer.
-const WRITE_BUFFER_BYTES: usize = 512 * 1024;
-/// Buffers in flight behind the one being filled.
-const WRITE_BEHIND_BUFFERS: usize = 4;
-
 impl DmaStorage {
     pub fn open(dir: &Path) -> io::Result<DmaStorage> {
         std::fs::create_dir_all(dir)?;
@@ -156,7 +151,6 @@ impl Storage for DmaStorage {
     }
 
     async fn create(&self, first_seq: u64, header: &[u8]) -> io::Result<DmaSegmentWriter> {
-        use futures_lite::AsyncWriteExt;
         let path = self.path(first_seq);
         if path.exists() {
             // Never truncate a segment by reusing its name.
@@ -170,33 +164,81 @@ impl Storage for DmaStorage {
             .map_err(io::Error::from)?;
         // The new name must survive a crash before any record in it is acknowledged.
         self.sync_dir()?;
-        let mut writer = glommio::io::DmaStreamWriterBuilder::new(file)
-            .with_buffer_size(WRITE_BUFFER_BYTES)
-            .with_write_behind(WRITE_BEHIND_BUFFERS)
-            .build();
-        writer.write_all(header).await?;
-        Ok(DmaSegmentWriter { writer })
+        let mut writer = DmaSegmentWriter {
+            file,
+            staged: Vec::new(),
+            staged_at: 0,
+        };
+        writer.staged.extend_from_slice(header);
+        Ok(writer)
     }
 }
 
+/// Appends to a segment with direct I/O, one aligned write per sync.
+///
+/// Written here rather than with glommio's `DmaStreamWriter` because the WAL needs
+/// exact control of what reaches the file after an error: that writer, when dropped
+/// after a failed write, cancels in-flight buffers and trims the file in the
+/// background to its own notion of the flushed position, which can cut bytes an
+/// earlier sync made durable (found by the full-disk test). This one never truncates
+/// durable bytes; a failed write leaves at most a torn tail after them.
+///
+/// On disk: the logical bytes, then zero padding to the device alignment after the
+/// last sync (trimmed away on close). `staged` holds the partial last block that is
+/// already on disk, followed by bytes not yet written; each sync rewrites that block.
 pub struct DmaSegmentWriter {
-    writer: glommio::io::DmaStreamWriter,
+    file: glommio::io::DmaFile,
+    staged: Vec<u8>,
+    /// File offset of `staged[0]`; always aligned.
+    staged_at: u64,
 }
 
 impl SegmentWriter for DmaSegmentWriter {
     async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        use futures_lite::AsyncWriteExt;
-        self.writer.write_all(bytes).await
+        self.staged.extend_from_slice(bytes);
+        Ok(())
     }
 
     async fn sync(&mut self) -> io::Result<()> {
-        // Pads and writes the partial last block, then fdatasync.
-        self.writer.sync().await.map(drop).map_err(io::Error::from)
+        let len = self.staged.len();
+        if len == 0 {
+            return Ok(());
+        }
+        let aligned = self.file.align_up(len as u64) as usize;
+        let mut done = 0;
+        // A short write (a nearly full disk) is continued, so that the real error
+        // (ENOSPC) is what gets reported when the space runs out.
+        while done < aligned {
+            let rest = aligned - done;
+            let mut buf = self.file.alloc_dma_buffer(rest);
+            let bytes = buf.as_bytes_mut();
+            let data = self.staged.get(done..).unwrap_or(&[]);
+            bytes[..data.len()].copy_from_slice(data);
+            bytes[data.len()..].fill(0);
+            let n = self
+                .file
+                .write_at(buf, self.staged_at + done as u64)
+                .await
+                .map_err(io::Error::from)?;
+            if n == 0 || n % self.file.alignment() as usize != 0 && n < rest {
+                let e = format!("short write: {} of {aligned} bytes", done + n);
+                return Err(io::Error::new(io::ErrorKind::WriteZero, e));
+            }
+            done += n;
+        }
+        self.file.fdatasync().await.map_err(io::Error::from)?;
+        // Keep only the partial last block: the next sync rewrites it with more data.
+        let full = self.file.align_down(len as u64) as usize;
+        self.staged.drain(..full);
+        self.staged_at += full as u64;
+        Ok(())
     }
 
     async fn close(mut self) -> io::Result<()> {
-        use futures_lite::AsyncWriteExt;
-        // Flushes, syncs and truncates away the padding of the last block.
-        self.writer.close().await
+        self.sync().await?;
+        let logical = self.staged_at + self.staged.len() as u64;
+        self.file.truncate(logical).await.map_err(io::Error::from)?;
+        self.file.fdatasync().await.map_err(io::Error::from)?;
+        self.file.close().await.map_err(io::Error::from)
     }
 }
