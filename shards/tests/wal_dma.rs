@@ -1,0 +1,160 @@
+//! The WAL on real files (glommio direct I/O): the budget refuses appends, the
+//! shipper's acknowledgement deletes whole segments and makes room again, and after a
+//! reopen every record that was not acknowledged downstream is still there, with
+//! sequence numbers that keep growing even once every segment has been deleted.
+
+use promgate_shards::metrics::ShardMetrics;
+use promgate_shards::wal::format::{self, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
+use promgate_shards::wal::storage::{list_segments, DmaStorage};
+use promgate_shards::wal::{Fsync, Wal, WalConfig, WalError};
+use std::path::Path;
+use std::sync::Arc;
+
+fn config() -> WalConfig {
+    WalConfig {
+        fsync: Fsync::Batch,
+        group_commit_delay_us: 500,
+        group_commit_records_max: 16,
+        segment_bytes: 64 * 1024,
+        max_bytes: 256 * 1024,
+        retry_after_s: 1,
+        retention_bytes: 0,
+        retention_age_s: 0,
+    }
+}
+
+fn payload(seq: u64) -> Vec<u8> {
+    (0..10_000u32)
+        .map(|i| (seq as u32).wrapping_mul(7).wrapping_add(i) as u8)
+        .collect()
+}
+
+fn open(dir: &Path) -> Wal<DmaStorage> {
+    let metrics = Arc::new(vec![ShardMetrics::default()]);
+    let (wal, rec) = Wal::open(DmaStorage::open(dir).unwrap(), 0, config(), metrics).unwrap();
+    assert!(
+        rec.corruption.is_empty() && rec.unreadable.is_empty(),
+        "{rec:?}"
+    );
+    wal
+}
+
+/// Every record on disk as (seq, payload).
+fn on_disk(dir: &Path) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    for first in list_segments(dir).unwrap() {
+        let data = std::fs::read(dir.join(format::segment_file_name(first))).unwrap();
+        let scan = format::scan(&data).unwrap();
+        assert!(scan.corruption.is_empty());
+        out.extend(
+            scan.records
+                .iter()
+                .map(|r| (r.seq, data[r.payload.0..r.payload.1].to_vec())),
+        );
+    }
+    out
+}
+
+#[test]
+fn budget_then_acknowledgement_then_room_again() {
+    let dir = std::env::temp_dir().join(format!("promgate-wal-dma-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ex = glommio::LocalExecutorBuilder::default()
+        .make()
+        .expect("executor");
+    let d = dir.clone();
+    ex.run(async move {
+        let wal = open(&d);
+        let mut acked = Vec::new();
+        let full = loop {
+            let seq = acked.len() as u64 + 1;
+            let p = payload(seq);
+            match wal
+                .append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |o| {
+                    o.extend_from_slice(&p)
+                })
+                .await
+            {
+                Ok(s) => {
+                    assert_eq!(s, seq);
+                    acked.push(s);
+                }
+                Err(e) => break e,
+            }
+            assert!(acked.len() < 1000, "the budget never refused anything");
+        };
+        assert_eq!(full, WalError::Full { retry_after_s: 1 });
+        assert!(wal.total_bytes() >= config().max_bytes);
+        // Everything is on disk, intact.
+        let disk = on_disk(&d);
+        assert_eq!(disk.iter().map(|r| r.0).collect::<Vec<_>>(), acked);
+        assert!(disk.iter().all(|(s, p)| *p == payload(*s)));
+
+        // The shipper acknowledges the first half: whole segments below it go.
+        let half = acked[acked.len() / 2];
+        let deleted = wal.ack(half).unwrap();
+        assert!(deleted >= 1, "nothing deleted");
+        let remaining = on_disk(&d);
+        assert!(
+            remaining.len() < acked.len(),
+            "the acknowledgement freed nothing on disk"
+        );
+        for s in acked.iter().filter(|s| **s > half) {
+            assert!(
+                remaining.iter().any(|(x, _)| x == s),
+                "unacknowledged record {s} was deleted"
+            );
+        }
+        let seq = acked.len() as u64 + 1;
+        let p = payload(seq);
+        let s = wal
+            .append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |o| {
+                o.extend_from_slice(&p)
+            })
+            .await
+            .expect("room again");
+        assert_eq!(s, seq);
+        acked.push(s);
+        wal.close().await.unwrap();
+        drop(wal);
+
+        // Reopen: every record above the acknowledgement is there.
+        let wal = open(&d);
+        let disk = on_disk(&d);
+        for s in acked.iter().filter(|s| **s > half) {
+            assert!(
+                disk.iter().any(|(x, p)| x == s && *p == payload(*s)),
+                "record {s} lost"
+            );
+        }
+        // Acknowledge everything, reopen, append: numbering continues, never restarts.
+        let last = *acked.last().unwrap();
+        let p = payload(last + 1);
+        let s = wal
+            .append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |o| {
+                o.extend_from_slice(&p)
+            })
+            .await
+            .unwrap();
+        assert_eq!(s, last + 1);
+        wal.close().await.unwrap();
+        drop(wal);
+        let wal = open(&d);
+        wal.ack(u64::MAX).unwrap();
+        drop(wal);
+        let wal = open(&d);
+        let p = payload(0);
+        let s = wal
+            .append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |o| {
+                o.extend_from_slice(&p)
+            })
+            .await
+            .unwrap();
+        assert!(
+            s > last + 1,
+            "sequence numbers restarted at {s} after everything was acknowledged"
+        );
+        wal.close().await.unwrap();
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
