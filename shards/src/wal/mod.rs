@@ -541,9 +541,10 @@ impl<S: Storage> Wal<S> {
         }
         let writer = slot.as_mut().expect("set above");
         writer.write(buf).await?;
-        if self.config.fsync != Fsync::Never {
-            let t = Instant::now();
-            writer.sync().await?;
+        let fdatasync = self.config.fsync != Fsync::Never;
+        let t = Instant::now();
+        writer.flush(fdatasync).await?;
+        if fdatasync {
             self.metrics()
                 .fsync_seconds
                 .observe(t.elapsed().as_secs_f64());

@@ -30,11 +30,12 @@ pub trait Storage {
     ) -> impl Future<Output = io::Result<Self::Writer>>;
 }
 
-/// Appends to one segment. `write` may buffer; `sync` makes everything written so far
-/// durable; `close` syncs and releases.
+/// Appends to one segment. `write` may only buffer; `flush` hands everything written
+/// so far to the device and, with `fdatasync`, makes it durable; `close` does both and
+/// releases.
 pub trait SegmentWriter {
     fn write(&mut self, bytes: &[u8]) -> impl Future<Output = io::Result<()>>;
-    fn sync(&mut self) -> impl Future<Output = io::Result<()>>;
+    fn flush(&mut self, fdatasync: bool) -> impl Future<Output = io::Result<()>>;
     fn close(self) -> impl Future<Output = io::Result<()>>;
 }
 
@@ -174,7 +175,7 @@ impl Storage for DmaStorage {
     }
 }
 
-/// Appends to a segment with direct I/O, one aligned write per sync.
+/// Appends to a segment with direct I/O, one aligned write per flush.
 ///
 /// Written here rather than with glommio's `DmaStreamWriter` because the WAL needs
 /// exact control of what reaches the file after an error: that writer, when dropped
@@ -184,8 +185,8 @@ impl Storage for DmaStorage {
 /// durable bytes; a failed write leaves at most a torn tail after them.
 ///
 /// On disk: the logical bytes, then zero padding to the device alignment after the
-/// last sync (trimmed away on close). `staged` holds the partial last block that is
-/// already on disk, followed by bytes not yet written; each sync rewrites that block.
+/// last flush (trimmed away on close). `staged` holds the partial last block that is
+/// already on disk, followed by bytes not yet written; each flush rewrites that block.
 pub struct DmaSegmentWriter {
     file: glommio::io::DmaFile,
     staged: Vec<u8>,
@@ -199,7 +200,7 @@ impl SegmentWriter for DmaSegmentWriter {
         Ok(())
     }
 
-    async fn sync(&mut self) -> io::Result<()> {
+    async fn flush(&mut self, fdatasync: bool) -> io::Result<()> {
         let len = self.staged.len();
         if len == 0 {
             return Ok(());
@@ -226,8 +227,10 @@ impl SegmentWriter for DmaSegmentWriter {
             }
             done += n;
         }
-        self.file.fdatasync().await.map_err(io::Error::from)?;
-        // Keep only the partial last block: the next sync rewrites it with more data.
+        if fdatasync {
+            self.file.fdatasync().await.map_err(io::Error::from)?;
+        }
+        // Keep only the partial last block: the next flush rewrites it with more data.
         let full = self.file.align_down(len as u64) as usize;
         self.staged.drain(..full);
         self.staged_at += full as u64;
@@ -235,7 +238,7 @@ impl SegmentWriter for DmaSegmentWriter {
     }
 
     async fn close(mut self) -> io::Result<()> {
-        self.sync().await?;
+        self.flush(true).await?;
         let logical = self.staged_at + self.staged.len() as u64;
         self.file.truncate(logical).await.map_err(io::Error::from)?;
         self.file.fdatasync().await.map_err(io::Error::from)?;
