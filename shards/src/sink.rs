@@ -2,14 +2,12 @@
 //!
 //! The receive path answers 2xx only after [`Sink::write`] resolves `Ok`, so the sink
 //! decides what an acknowledgement means. [`WalSink`] (the agent's) resolves once the
-//! request is durable in the shard's write-ahead log; [`CountingSink`] keeps nothing
-//! and serves tests and benchmarks of the receive path alone.
+//! request is durable in the shard's write-ahead log.
 
 use crate::wal::format::{remote_write_payload, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
 use crate::wal::storage::Storage;
 use crate::wal::{Wal, WalError};
 use promgate_proto::{Decoded, Protocol};
-use std::cell::Cell;
 use std::future::Future;
 
 /// Why a sink could not take a request; both answer 503 with `Retry-After`.
@@ -80,22 +78,6 @@ pub struct Accepted<'a> {
 /// One per shard; never shared across threads.
 pub trait Sink {
     fn write(&self, request: Accepted<'_>) -> impl Future<Output = Result<(), SinkError>>;
-}
-
-/// Counts what it is given and keeps nothing.
-#[derive(Default)]
-pub struct CountingSink {
-    pub batches: Cell<u64>,
-    pub samples: Cell<u64>,
-}
-
-impl Sink for CountingSink {
-    async fn write(&self, request: Accepted<'_>) -> Result<(), SinkError> {
-        self.batches.set(self.batches.get() + 1);
-        self.samples
-            .set(self.samples.get() + request.decoded.batch.samples.len() as u64);
-        Ok(())
-    }
 }
 
 /// Makes each request durable in the shard's WAL before it is acknowledged.
