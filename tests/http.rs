@@ -498,11 +498,22 @@ fn connection_limit_answers_503_with_retry_after() {
         "connlimit",
         &["--shards", "1", "--connections-per-shard-max", "1"],
     );
-    let mut first = Client::connect(agent.port).unwrap();
-    assert_eq!(
-        first.request("GET", "/-/healthy", &[], b"").unwrap().status,
-        200
-    );
+    // The readiness probes' connections may still be closing on the agent's side: wait
+    // until a connection is admitted.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut first = loop {
+        let mut c = Client::connect(agent.port).unwrap();
+        if c.request("GET", "/-/healthy", &[], b"")
+            .is_ok_and(|r| r.status == 200)
+        {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no connection was ever admitted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     let mut second = Client::connect(agent.port).unwrap();
     let r = second.read_response().unwrap();
     assert_eq!(r.status, 503);

@@ -172,6 +172,14 @@ fn body(round: u64) -> (Vec<u8>, Vec<AckedSample>) {
     )
 }
 
+/// Sends the body of `round`, which must be accepted, and records its samples.
+fn send_accepted(client: &mut Client, round: u64, acked: &mut Vec<AckedSample>) {
+    let (b, samples) = body(round);
+    let r = client.request("POST", "/api/v1/write", V1, &b).unwrap();
+    assert_eq!(r.status, 204, "round {round}: {}", r.text());
+    acked.extend(samples);
+}
+
 /// Sends bodies until one is refused; returns the samples of those answered 204.
 fn fill_until_refused(
     client: &mut Client,
@@ -239,15 +247,7 @@ fn disk_budget_answers_503_with_retry_after_and_keeps_everything() {
         &["--shards", "1", "--wal-max-bytes", "1048576"],
     );
     let mut client = Client::connect(port).unwrap();
-    let (b, samples) = body(round);
-    assert_eq!(
-        client
-            .request("POST", "/api/v1/write", V1, &b)
-            .unwrap()
-            .status,
-        204
-    );
-    acked.extend(samples);
+    send_accepted(&mut client, round, &mut acked);
     drop(agent);
     assert_all_present(&acked, &dumped(&data));
 }
@@ -331,15 +331,7 @@ fn full_disk_answers_503_and_recovers_when_space_returns() {
     }
     // And the following ones go through normally.
     for r in round + 1..round + 4 {
-        let (b, s) = body(r);
-        assert_eq!(
-            client
-                .request("POST", "/api/v1/write", V1, &b)
-                .unwrap()
-                .status,
-            204
-        );
-        acked.extend(s);
+        send_accepted(&mut client, r, &mut acked);
     }
     drop(agent);
     assert_all_present(&acked, &dumped(&data));

@@ -547,29 +547,15 @@ fn v2_series(
     let mut bad: Option<Reject> = None;
     // Label refs first so they are contiguous; refs are resolved to symbol spans.
     let labels_start = batch.labels.len() as u32;
-    let mut pending: Option<Span> = None;
-    let mut refs = 0u64;
+    let mut pairs = RefPairs::default();
     let start = r.snapshot();
     let mut created_timestamp_ms = 0i64;
     while !r.at_end() {
         let (field, wt) = r.key()?;
         match field {
             1 => {
-                let symbols = &batch.symbols;
-                let labels = &mut batch.labels;
-                r.repeated_varint(field, wt, |v| {
-                    refs += 1;
-                    let span = if v < symbols_len {
-                        symbols[v as usize]
-                    } else {
-                        bad.get_or_insert(Reject::SymbolOutOfRange);
-                        Span::default()
-                    };
-                    match pending.take() {
-                        None => pending = Some(span),
-                        Some(name) => labels.push(LabelRef { name, value: span }),
-                    }
-                })?;
+                let (symbols, labels) = (&batch.symbols, &mut batch.labels);
+                r.repeated_varint(field, wt, |v| pairs.push(v, symbols, labels, &mut bad))?;
             }
             6 => {
                 Reader::expect(field, wt, VARINT)?;
@@ -578,9 +564,7 @@ fn v2_series(
             _ => r.skip(field, wt)?,
         }
     }
-    if refs % 2 == 1 {
-        bad.get_or_insert(Reject::OddLabelRefs);
-    }
+    pairs.finish(&mut bad);
     let labels = Run {
         start: labels_start,
         end: batch.labels.len() as u32,
@@ -614,26 +598,14 @@ fn v2_series(
                 let mut m = r.message()?;
                 let mut e = Exemplar::default();
                 let el_start = batch.labels.len() as u32;
-                let mut el_pending: Option<Span> = None;
-                let mut el_refs = 0u64;
+                let mut el_pairs = RefPairs::default();
                 while !m.at_end() {
                     let (f, w) = m.key()?;
                     match f {
                         1 => {
-                            let symbols = &batch.symbols;
-                            let labels = &mut batch.labels;
+                            let (symbols, labels) = (&batch.symbols, &mut batch.labels);
                             m.repeated_varint(f, w, |v| {
-                                el_refs += 1;
-                                let span = if v < symbols_len {
-                                    symbols[v as usize]
-                                } else {
-                                    bad.get_or_insert(Reject::SymbolOutOfRange);
-                                    Span::default()
-                                };
-                                match el_pending.take() {
-                                    None => el_pending = Some(span),
-                                    Some(name) => labels.push(LabelRef { name, value: span }),
-                                }
+                                el_pairs.push(v, symbols, labels, &mut bad)
                             })?;
                         }
                         2 => {
@@ -647,9 +619,7 @@ fn v2_series(
                         _ => m.skip(f, w)?,
                     }
                 }
-                if el_refs % 2 == 1 {
-                    bad.get_or_insert(Reject::OddLabelRefs);
-                }
+                el_pairs.finish(&mut bad);
                 e.labels = Run {
                     start: el_start,
                     end: batch.labels.len() as u32,
@@ -728,6 +698,44 @@ fn v2_series(
     };
     finish_series(body, batch, reasons, mark, series, verdict, index);
     Ok(())
+}
+
+/// Turns a 2.0 `labels_refs` stream (name, value, name, value, ...) into label spans.
+#[derive(Default)]
+struct RefPairs {
+    name: Option<Span>,
+    odd: bool,
+}
+
+impl RefPairs {
+    #[inline]
+    fn push(
+        &mut self,
+        r: u64,
+        symbols: &[Span],
+        labels: &mut Vec<LabelRef>,
+        bad: &mut Option<Reject>,
+    ) {
+        let span = match usize::try_from(r).ok().and_then(|i| symbols.get(i)) {
+            Some(s) => *s,
+            None => {
+                bad.get_or_insert(Reject::SymbolOutOfRange);
+                Span::default()
+            }
+        };
+        match self.name.take() {
+            None => self.name = Some(span),
+            Some(name) => labels.push(LabelRef { name, value: span }),
+        }
+        self.odd = !self.odd;
+    }
+
+    /// A name without its value is refused.
+    fn finish(self, bad: &mut Option<Reject>) {
+        if self.odd {
+            bad.get_or_insert(Reject::OddLabelRefs);
+        }
+    }
 }
 
 fn name_of(body: &[u8], labels: &[LabelRef]) -> Option<Span> {
