@@ -578,3 +578,54 @@ fn too_little_locked_memory_exits_with_one_clear_line() {
         "{line}"
     );
 }
+
+#[test]
+fn a_stalled_request_gets_408_and_an_idle_connection_is_closed() {
+    let agent = Agent::start(
+        "timeouts",
+        &[
+            "--shards",
+            "1",
+            "--read-timeout-ms",
+            "300",
+            "--idle-timeout-ms",
+            "600",
+        ],
+    );
+    // Half a head, then nothing: 408 once the read timeout passes, and the connection closes.
+    let mut stalled = Client::connect(agent.port).unwrap();
+    let t = std::time::Instant::now();
+    let r = stalled
+        .raw(b"POST /api/v1/write HTTP/1.1\r\nContent-Le")
+        .unwrap();
+    assert_eq!(r.status, 408, "{}", r.text());
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(250),
+        "answered before the timeout"
+    );
+    // Half a body, then nothing: the same.
+    let mut slow_body = Client::connect(agent.port).unwrap();
+    let r = slow_body
+        .raw(b"POST /api/v1/write HTTP/1.1\r\nContent-Length: 100\r\n\r\nonly a part")
+        .unwrap();
+    assert_eq!(r.status, 408, "{}", r.text());
+    // An idle keep-alive connection is closed after the idle timeout, without an answer.
+    let mut idle = Client::connect(agent.port).unwrap();
+    assert_eq!(
+        idle.request("GET", "/-/healthy", &[], b"").unwrap().status,
+        200
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let closed = idle.request("GET", "/-/healthy", &[], b"");
+    assert!(
+        closed.is_err(),
+        "the idle connection was still open: {closed:?}"
+    );
+    // Others are unaffected.
+    let mut fresh = Client::connect(agent.port).unwrap();
+    assert_eq!(
+        fresh.request("GET", "/-/healthy", &[], b"").unwrap().status,
+        200
+    );
+}
