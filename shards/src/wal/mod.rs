@@ -18,12 +18,11 @@
 //! - `batch` (default): group commit. A commit takes every pending record (up to
 //!   `group_commit_records_max`) and fsyncs once; records that arrive meanwhile form
 //!   the next group. An optional `group_commit_delay_us` (default 0) makes the
-//!   committer first wait for more records. Measured with closed-loop senders (each
-//!   Prometheus shard waits for its answer before sending more; `cargo bench --bench
-//!   wal`), any such wait lowers throughput and raises latency: the disk idles while
-//!   the group refills, where committing at once lets the next group form during the
-//!   current fsync. The delay is there for open-loop, bursty senders, to trade latency
-//!   for fewer fsyncs.
+//!   committer first wait for more records. With closed-loop senders (each Prometheus
+//!   shard waits for its answer before sending more) the groups form on their own
+//!   during each fsync; in `cargo bench --bench wal` the delay made no consistent
+//!   difference to throughput (within this disk's run-to-run noise), and at low load
+//!   it only adds latency. It is there for open-loop, bursty senders.
 //! - `always`: one fsync per request, in order: the simplest guarantee, and the slowest.
 //! - `never`: write but never fsync: an acknowledged record can be lost if the machine
 //!   (not just the process) crashes. For benchmarks, or when the sender keeps its own WAL.
