@@ -38,7 +38,7 @@ pub struct ReceiveConfig {
     pub idle_timeout_ms: u64,
     pub read_timeout_ms: u64,
     pub write_timeout_ms: u64,
-    /// `Retry-After` sent with 503 when the sink reports a failure without a hint.
+    /// `Retry-After` sent with the 503 that refuses a connection over the shard limit.
     pub retry_after_s: u32,
     pub limits: Limits,
 }
@@ -391,8 +391,7 @@ impl<S: Sink> Conn<S> {
         let ctx = self.ctx.clone();
         let metrics = ctx.metrics();
         let cfg = &ctx.config;
-        let from_chunked = consumed == 0;
-        let compressed: &[u8] = if from_chunked {
+        let compressed: &[u8] = if consumed == 0 {
             &self.chunked_body[body.clone()]
         } else {
             &self.input[body.clone()]
@@ -420,6 +419,9 @@ impl<S: Sink> Conn<S> {
         metrics.decode_time(started.elapsed().as_nanos() as u64);
         metrics.decode_bytes.fetch_add(decoded_len as u64, Relaxed);
         if let Err(e) = result {
+            // Series counted before the body turned out corrupt were not refused on
+            // their own account: that tally must not reach the metrics.
+            self.reasons = RejectCounts::default();
             self.finish_body(consumed);
             return self.refused(&RequestError::Decode(e), Some(protocol));
         }
@@ -427,11 +429,6 @@ impl<S: Sink> Conn<S> {
         let written = if self.batch.is_empty() {
             Ok(())
         } else {
-            let compressed: &[u8] = if from_chunked {
-                &self.chunked_body[body.clone()]
-            } else {
-                &self.input[body.clone()]
-            };
             let accepted = Accepted {
                 protocol,
                 compressed,
