@@ -118,7 +118,8 @@ fn budget_then_acknowledgement_then_room_again() {
         wal.close().await.unwrap();
         drop(wal);
 
-        // Reopen: every record above the acknowledgement is there.
+        // Reopen: every record above the acknowledgement is there, and replay hands
+        // them to the (future) shipper in order.
         let wal = open(&d);
         let disk = on_disk(&d);
         for s in acked.iter().filter(|s| **s > half) {
@@ -127,6 +128,18 @@ fn budget_then_acknowledgement_then_room_again() {
                 "record {s} lost"
             );
         }
+        let mut replayed = Vec::new();
+        wal.replay(half + 1, |seq, _, _, p| {
+            assert_eq!(p, payload(seq).as_slice(), "record {seq} replayed changed");
+            replayed.push(seq);
+            true
+        })
+        .unwrap();
+        let want: Vec<u64> = acked.iter().copied().filter(|s| *s > half).collect();
+        assert_eq!(
+            replayed, want,
+            "replay yields exactly the unacknowledged records, in order"
+        );
         // Acknowledge everything, reopen, append: numbering continues, never restarts.
         let last = *acked.last().unwrap();
         let p = payload(last + 1);
@@ -155,6 +168,68 @@ fn budget_then_acknowledgement_then_room_again() {
             "sequence numbers restarted at {s} after everything was acknowledged"
         );
         wal.close().await.unwrap();
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn retention_drops_the_oldest_sealed_segments_and_counts_them() {
+    let dir = std::env::temp_dir().join(format!("promgate-wal-retention-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ex = glommio::LocalExecutorBuilder::default()
+        .make()
+        .expect("executor");
+    let d = dir.clone();
+    ex.run(async move {
+        let metrics = Arc::new(vec![ShardMetrics::default()]);
+        let limited = WalConfig {
+            retention_bytes: 128 * 1024,
+            max_bytes: 1 << 30,
+            ..config()
+        };
+        let (wal, _) =
+            Wal::open(DmaStorage::open(&d).unwrap(), 0, limited, metrics.clone()).unwrap();
+        for seq in 1..=60u64 {
+            let p = payload(seq);
+            wal.append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |o| {
+                o.extend_from_slice(&p)
+            })
+            .await
+            .unwrap();
+        }
+        wal.close().await.unwrap();
+        let dropped = metrics[0]
+            .wal
+            .retention_dropped_records
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let disk = on_disk(&d);
+        assert!(
+            dropped > 0,
+            "nothing dropped although 600 KB were written under a 128 KiB limit"
+        );
+        assert_eq!(
+            disk.len() as u64 + dropped,
+            60,
+            "every record is either on disk or counted as dropped"
+        );
+        assert_eq!(
+            disk.first().map(|r| r.0),
+            Some(dropped + 1),
+            "the oldest records go first"
+        );
+        let kept: u64 = list_segments(&d)
+            .unwrap()
+            .iter()
+            .map(|f| {
+                std::fs::metadata(d.join(format::segment_file_name(*f)))
+                    .unwrap()
+                    .len()
+            })
+            .sum();
+        assert!(
+            kept <= 128 * 1024 + config().segment_bytes + 16 * 1024,
+            "{kept} bytes kept"
+        );
     });
     let _ = std::fs::remove_dir_all(&dir);
 }

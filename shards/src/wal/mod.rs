@@ -725,6 +725,47 @@ impl<S: Storage> Wal<S> {
         self.publish(&self.state.borrow());
     }
 
+    /// Calls `visit(seq, kind, format, payload)` for every durable record with a
+    /// sequence number `>= from_seq`, oldest first, reading one segment at a time: what
+    /// recovery found and what was appended since. This is the shipper's way in; it
+    /// stops early when `visit` returns `false`.
+    pub fn replay(
+        &self,
+        from_seq: u64,
+        mut visit: impl FnMut(u64, u8, u8, &[u8]) -> bool,
+    ) -> std::io::Result<()> {
+        let (mut segments, open, durable) = {
+            let st = self.state.borrow();
+            let sealed: Vec<(u64, u64)> = st
+                .sealed
+                .iter()
+                .map(|s| (s.first_seq, s.last_seq))
+                .collect();
+            (sealed, st.open_first_seq, st.durable_seq)
+        };
+        if open != 0 {
+            segments.push((open, durable));
+        }
+        for (first, last) in segments {
+            if last < from_seq || last < first {
+                continue;
+            }
+            let data = self.storage.read(first)?;
+            let scan = format::scan(&data)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            for r in scan
+                .records
+                .iter()
+                .filter(|r| r.seq >= from_seq && r.seq <= durable)
+            {
+                if !visit(r.seq, r.kind, r.format, &data[r.payload.0..r.payload.1]) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Writes out anything pending and closes the open segment (clean shutdown, tests).
     pub async fn close(&self) -> std::io::Result<()> {
         while !self.state.borrow().pending_lens.is_empty() || self.state.borrow().committing {
