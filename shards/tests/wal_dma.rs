@@ -55,15 +55,23 @@ fn on_disk(dir: &Path) -> Vec<(u64, Vec<u8>)> {
     out
 }
 
-#[test]
-fn budget_then_acknowledgement_then_room_again() {
-    let dir = std::env::temp_dir().join(format!("promgate-wal-dma-{}", std::process::id()));
+/// Runs `body` on a glommio executor with a fresh directory, removed afterwards.
+fn with_dir<F: std::future::Future<Output = ()>>(
+    name: &str,
+    body: impl FnOnce(std::path::PathBuf) -> F,
+) {
+    let dir = std::env::temp_dir().join(format!("promgate-wal-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let ex = glommio::LocalExecutorBuilder::default()
         .make()
         .expect("executor");
-    let d = dir.clone();
-    ex.run(async move {
+    ex.run(body(dir.clone()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn budget_then_acknowledgement_then_room_again() {
+    with_dir("dma", |d| async move {
         let wal = open(&d);
         let mut acked = Vec::new();
         let full = loop {
@@ -169,18 +177,11 @@ fn budget_then_acknowledgement_then_room_again() {
         );
         wal.close().await.unwrap();
     });
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn retention_drops_the_oldest_sealed_segments_and_counts_them() {
-    let dir = std::env::temp_dir().join(format!("promgate-wal-retention-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let ex = glommio::LocalExecutorBuilder::default()
-        .make()
-        .expect("executor");
-    let d = dir.clone();
-    ex.run(async move {
+    with_dir("retention", |d| async move {
         let metrics = Arc::new(vec![ShardMetrics::default()]);
         let limited = WalConfig {
             retention_bytes: 128 * 1024,
@@ -231,5 +232,4 @@ fn retention_drops_the_oldest_sealed_segments_and_counts_them() {
             "{kept} bytes kept"
         );
     });
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -91,27 +91,27 @@ impl Storage for SimStorage {
     }
 }
 
+impl SimWriter {
+    /// Written but not yet synced: what a crash may lose.
+    fn append_volatile(&self, bytes: &[u8]) {
+        let mut disk = self.disk.borrow_mut();
+        disk.segments
+            .get_mut(&self.id)
+            .expect("segment exists")
+            .volatile
+            .extend_from_slice(bytes);
+    }
+}
+
 impl SegmentWriter for SimWriter {
     async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         if self.fail.replace(false) {
             // A partial write, then the error, as ENOSPC would leave it.
             let half = &bytes[..bytes.len() / 2];
-            self.disk
-                .borrow_mut()
-                .segments
-                .get_mut(&self.id)
-                .unwrap()
-                .volatile
-                .extend_from_slice(half);
+            self.append_volatile(half);
             return Err(io::Error::from_raw_os_error(28));
         }
-        self.disk
-            .borrow_mut()
-            .segments
-            .get_mut(&self.id)
-            .unwrap()
-            .volatile
-            .extend_from_slice(bytes);
+        self.append_volatile(bytes);
         futures_lite::future::yield_now().await;
         Ok(())
     }
