@@ -6,6 +6,7 @@ pub mod decode;
 pub mod messages;
 pub mod remote_write;
 pub mod wire;
+pub mod xor;
 
 pub use batch::{Batch, Decoded, Protocol};
 pub use decode::{decode, DecodeError, Limits, Reject, RejectCounts};

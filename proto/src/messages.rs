@@ -186,3 +186,107 @@ pub struct BucketSpan {
     #[prost(uint32, tag = "2")]
     pub length: u32,
 }
+
+/// Remote-read: `prometheus.ReadRequest` and its responses (SAMPLES and chunked).
+pub mod read {
+    use super::v1;
+
+    /// `accepted_response_types` values.
+    pub const RESPONSE_SAMPLES: i32 = 0;
+    pub const RESPONSE_STREAMED_XOR_CHUNKS: i32 = 1;
+    /// `LabelMatcher.type` values.
+    pub const MATCH_EQ: i32 = 0;
+    pub const MATCH_NEQ: i32 = 1;
+    pub const MATCH_RE: i32 = 2;
+    pub const MATCH_NRE: i32 = 3;
+    /// `Chunk.type` for XOR chunks.
+    pub const CHUNK_XOR: i32 = 1;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ReadRequest {
+        #[prost(message, repeated, tag = "1")]
+        pub queries: Vec<Query>,
+        #[prost(int32, repeated, tag = "2")]
+        pub accepted_response_types: Vec<i32>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Query {
+        #[prost(int64, tag = "1")]
+        pub start_timestamp_ms: i64,
+        #[prost(int64, tag = "2")]
+        pub end_timestamp_ms: i64,
+        #[prost(message, repeated, tag = "3")]
+        pub matchers: Vec<LabelMatcher>,
+        #[prost(message, optional, tag = "4")]
+        pub hints: Option<ReadHints>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct LabelMatcher {
+        #[prost(int32, tag = "1")]
+        pub r#type: i32,
+        #[prost(string, tag = "2")]
+        pub name: String,
+        #[prost(string, tag = "3")]
+        pub value: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ReadHints {
+        #[prost(int64, tag = "1")]
+        pub step_ms: i64,
+        #[prost(string, tag = "2")]
+        pub func: String,
+        #[prost(int64, tag = "3")]
+        pub start_ms: i64,
+        #[prost(int64, tag = "4")]
+        pub end_ms: i64,
+        #[prost(string, repeated, tag = "5")]
+        pub grouping: Vec<String>,
+        #[prost(bool, tag = "6")]
+        pub by: bool,
+        #[prost(int64, tag = "7")]
+        pub range_ms: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ReadResponse {
+        #[prost(message, repeated, tag = "1")]
+        pub results: Vec<QueryResult>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueryResult {
+        #[prost(message, repeated, tag = "1")]
+        pub timeseries: Vec<v1::TimeSeries>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ChunkedReadResponse {
+        #[prost(message, repeated, tag = "1")]
+        pub chunked_series: Vec<ChunkedSeries>,
+        #[prost(int64, tag = "2")]
+        pub query_index: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ChunkedSeries {
+        #[prost(message, repeated, tag = "1")]
+        pub labels: Vec<v1::Label>,
+        #[prost(message, repeated, tag = "2")]
+        pub chunks: Vec<Chunk>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Chunk {
+        #[prost(int64, tag = "1")]
+        pub min_time_ms: i64,
+        #[prost(int64, tag = "2")]
+        pub max_time_ms: i64,
+        #[prost(int32, tag = "3")]
+        pub r#type: i32,
+        #[prost(bytes = "vec", tag = "4")]
+        pub data: Vec<u8>,
+    }
+}

@@ -1,0 +1,180 @@
+//! Prometheus's XOR chunks, checked against a real Prometheus (Debian's 2.42) on
+//! 127.0.0.1: its own `/api/v1/read` streams STREAMED_XOR_CHUNKS; every chunk must
+//! decode (with `promgate_proto::xor`) to exactly the samples the same query returns as
+//! SAMPLES, and re-encoding those samples must give Prometheus's bytes back.
+
+mod common;
+
+use common::{free_port, temp_dir, Client};
+use promgate_proto::messages::read::{
+    self, ChunkedReadResponse, LabelMatcher, Query, ReadRequest, ReadResponse,
+};
+use promgate_proto::xor::{self, XorEncoder};
+use prost::Message;
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+type Series = BTreeMap<String, Vec<(i64, u64)>>;
+
+fn key(labels: &[promgate_proto::messages::v1::Label]) -> String {
+    labels
+        .iter()
+        .map(|l| format!("{}={:?}", l.name, l.value))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn read(port: u16, response_type: i32, start: i64, end: i64) -> common::Response {
+    let req = ReadRequest {
+        queries: vec![Query {
+            start_timestamp_ms: start,
+            end_timestamp_ms: end,
+            matchers: vec![LabelMatcher {
+                r#type: read::MATCH_RE,
+                name: "__name__".into(),
+                value: "prometheus_.*|up|scrape_.*".into(),
+            }],
+            hints: None,
+        }],
+        accepted_response_types: vec![response_type],
+    };
+    let body = snap::raw::Encoder::new()
+        .compress_vec(&req.encode_to_vec())
+        .unwrap();
+    let headers = [
+        ("Content-Type", "application/x-protobuf"),
+        ("Content-Encoding", "snappy"),
+        ("X-Prometheus-Remote-Read-Version", "0.1.0"),
+    ];
+    let r = Client::connect(port)
+        .unwrap()
+        .request("POST", "/api/v1/read", &headers, &body)
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    r
+}
+
+#[test]
+fn decodes_and_reproduces_the_chunks_a_real_prometheus_streams() {
+    let dir = temp_dir("xor");
+    let port = free_port();
+    let config = format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: prometheus\n    static_configs: [{{targets: [\"127.0.0.1:{port}\"]}}]\n");
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let _prom = Proc(
+        Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("start prometheus (scripts/test.sh installs it)"),
+    );
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let (start, end) = (now - 3_600_000, now + 600_000);
+    // Enough scrapes for chunks with many samples and every timestamp branch.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        if let Ok(mut c) = Client::connect(port) {
+            if c.request("GET", "/-/ready", &[], b"")
+                .is_ok_and(|r| r.status == 200)
+                && Instant::now() + Duration::from_secs(52) > deadline
+            {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "prometheus did not come up");
+    }
+
+    let samples_body = read(port, read::RESPONSE_SAMPLES, start, end);
+    let raw = snap::raw::Decoder::new()
+        .decompress_vec(&samples_body.body)
+        .unwrap();
+    let mut expected = Series::new();
+    for ts in &ReadResponse::decode(&raw[..]).unwrap().results[0].timeseries {
+        expected.insert(
+            key(&ts.labels),
+            ts.samples
+                .iter()
+                .map(|s| (s.timestamp, s.value.to_bits()))
+                .collect(),
+        );
+    }
+
+    let streamed = read(port, read::RESPONSE_STREAMED_XOR_CHUNKS, start, end);
+    assert!(streamed
+        .header("Content-Type")
+        .unwrap_or("")
+        .contains("ChunkedReadResponse"));
+    let mut got = Series::new();
+    let (mut chunks, mut reproduced) = (0, 0);
+    let mut rest = &streamed.body[..];
+    while !rest.is_empty() {
+        // Frame: uvarint length, big-endian CRC-32C of the data, the data.
+        let (mut len, mut shift, mut i) = (0usize, 0, 0);
+        loop {
+            let b = rest[i];
+            len |= ((b & 0x7f) as usize) << shift;
+            i += 1;
+            if b < 0x80 {
+                break;
+            }
+            shift += 7;
+        }
+        let crc = u32::from_be_bytes(rest[i..i + 4].try_into().unwrap());
+        let data = &rest[i + 4..i + 4 + len];
+        assert_eq!(crc32c::crc32c(data), crc, "frame checksum");
+        rest = &rest[i + 4 + len..];
+        for s in ChunkedReadResponse::decode(data).unwrap().chunked_series {
+            let entry = got.entry(key(&s.labels)).or_default();
+            for c in s.chunks {
+                assert_eq!(c.r#type, read::CHUNK_XOR);
+                let decoded = xor::decode(&c.data)
+                    .unwrap_or_else(|e| panic!("chunk of {} unreadable: {e:?}", key(&s.labels)));
+                assert!(!decoded.is_empty());
+                assert_eq!(
+                    (decoded[0].0, decoded.last().unwrap().0),
+                    (c.min_time_ms, c.max_time_ms)
+                );
+                let mut e = XorEncoder::default();
+                for (t, v) in &decoded {
+                    e.append(*t, *v);
+                }
+                chunks += 1;
+                if e.bytes() == c.data.as_slice() {
+                    reproduced += 1;
+                }
+                entry.extend(decoded.iter().map(|(t, v)| (*t, v.to_bits())));
+            }
+        }
+    }
+    assert!(chunks >= 50, "too few chunks to mean anything: {chunks}");
+    assert_eq!(
+        got, expected,
+        "streamed chunks decode to exactly the SAMPLES answer"
+    );
+    assert_eq!(
+        reproduced, chunks,
+        "re-encoding reproduces Prometheus's chunk bytes"
+    );
+}
