@@ -8,18 +8,9 @@
 
 mod common;
 
-use common::{free_port, metric_sum, temp_dir, Agent, Client};
-use std::process::{Child, Command, Stdio};
+use common::{free_port, metric_sum, start_prometheus, temp_dir, Agent, Client, Proc};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn need(binary: &str) {
     let found = std::env::var_os("PATH")
@@ -81,23 +72,7 @@ remote_write:
 "#,
         agent_port = agent.port
     );
-    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-    let _prom = Proc(
-        Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
-            .spawn()
-            .expect("start prometheus"),
-    );
+    let _prom = start_prometheus(&dir, prom_port, &config);
 
     let prom_metric = |name: &str| get(prom_port, "/metrics").map(|t| metric_sum(&t, name));
     // Real traffic: several scrapes of both targets have been shipped.

@@ -5,26 +5,19 @@
 
 mod common;
 
-use common::{free_port, temp_dir, Client};
+use common::{free_port, start_prometheus, temp_dir, Client};
 use promgate_proto::messages::read::{
     self, ChunkedReadResponse, LabelMatcher, Query, ReadRequest, ReadResponse,
 };
 use promgate_proto::xor::{self, XorEncoder};
 use prost::Message;
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 type Series = BTreeMap<String, Vec<(i64, u64)>>;
+
+/// How long Prometheus scrapes itself before it is read back.
+const SCRAPE_WINDOW_S: u64 = 8;
 
 fn key(labels: &[promgate_proto::messages::v1::Label]) -> String {
     labels
@@ -69,42 +62,23 @@ fn decodes_and_reproduces_the_chunks_a_real_prometheus_streams() {
     let dir = temp_dir("xor");
     let port = free_port();
     let config = format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: prometheus\n    static_configs: [{{targets: [\"127.0.0.1:{port}\"]}}]\n");
-    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-    let _prom = Proc(
-        Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
-            .spawn()
-            .expect("start prometheus (scripts/test.sh installs it)"),
-    );
+    let _prom = start_prometheus(&dir, port, &config);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
     let (start, end) = (now - 3_600_000, now + 600_000);
-    // Enough scrapes for chunks with many samples and every timestamp branch.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        std::thread::sleep(Duration::from_millis(500));
-        if let Ok(mut c) = Client::connect(port) {
-            if c.request("GET", "/-/ready", &[], b"")
-                .is_ok_and(|r| r.status == 200)
-                && Instant::now() + Duration::from_secs(52) > deadline
-            {
-                break;
-            }
-        }
+    // Ready, then enough 1 s scrapes for chunks with many samples.
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    while !Client::connect(port).is_ok_and(|mut c| {
+        c.request("GET", "/-/ready", &[], b"")
+            .is_ok_and(|r| r.status == 200)
+    }) {
         assert!(Instant::now() < deadline, "prometheus did not come up");
+        std::thread::sleep(Duration::from_millis(500));
     }
+    std::thread::sleep(Duration::from_secs(SCRAPE_WINDOW_S).saturating_sub(started.elapsed()));
 
     let samples_body = read(port, read::RESPONSE_SAMPLES, start, end);
     let raw = snap::raw::Decoder::new()
