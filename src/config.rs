@@ -28,6 +28,44 @@ pub struct File {
     pub wal: WalSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub ship: ShipSection,
+    #[serde(default)]
+    pub server: ServerSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShipSection {
+    /// HOST:PORT of the promgate server; absent: run the server in this process.
+    pub server: Option<String>,
+    pub agent_id: Option<String>,
+    pub batch_samples_max: Option<usize>,
+    pub compress: Option<bool>,
+    pub backoff_max_ms: Option<u64>,
+    pub reply_timeout_ms: Option<u64>,
+}
+
+/// The server's settings: `promgate server`'s file, and the embedded server's.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub listen: Option<String>,
+    pub query_listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub retention: Option<String>,
+    pub read_samples_max: Option<u64>,
+    pub query_connections_max: Option<usize>,
+}
+
+/// `promgate server`'s file: the same `[server]` and `[log]` sections.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub log: LogSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,6 +164,122 @@ pub struct AgentFlags {
     /// Log level or tracing filter (RUST_LOG also works) [default: info].
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Ship to this promgate server (HOST:PORT). Without it, the server runs in this
+    /// process on --server-listen and --query-listen.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// This agent's id in the server's exactly-once ledger [default: generated once and
+    /// kept in DATA_DIR/agent_id].
+    #[arg(long)]
+    pub agent_id: Option<String>,
+    /// Embedded server only: ship listener [default: 0.0.0.0:30033].
+    #[arg(long)]
+    pub server_listen: Option<String>,
+    /// Embedded server only: query listener (remote_read) [default: 0.0.0.0:20416].
+    #[arg(long)]
+    pub query_listen: Option<String>,
+}
+
+/// `promgate server`'s flags.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ServerFlags {
+    /// TOML configuration file (see config/server.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Ship listener for agents [default: 0.0.0.0:30033].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Query listener: remote_read, labels, series, metrics [default: 0.0.0.0:20416].
+    #[arg(long)]
+    pub query_listen: Option<String>,
+    /// Data directory holding prometheus.redb [default: /var/lib/promgate/server].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// How long samples are kept, e.g. 15d, 12h [default: 15d].
+    #[arg(long)]
+    pub retention: Option<String>,
+    /// Log level or tracing filter [default: info].
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+pub const SERVER_DATA_DIR_DEFAULT: &str = "/var/lib/promgate/server";
+
+/// Resolves the server's settings from its section and flags (flags win).
+pub fn server_config(
+    section: &ServerSection,
+    listen: Option<&str>,
+    query_listen: Option<&str>,
+    data_dir: PathBuf,
+    retention: Option<&str>,
+) -> anyhow::Result<promgate_server::ServerConfig> {
+    let addr = |flag: Option<&str>, file: &Option<String>, default: &str, what: &str| {
+        let text = flag
+            .map(str::to_string)
+            .or_else(|| file.clone())
+            .unwrap_or_else(|| default.to_string());
+        text.parse::<SocketAddr>()
+            .with_context(|| format!("{what} {text:?} is not IP:PORT"))
+    };
+    let retention_text = retention
+        .map(str::to_string)
+        .or_else(|| section.retention.clone())
+        .unwrap_or_else(|| promgate_server::RETENTION_DEFAULT.into());
+    let retention_ms = promgate_server::parse_duration_ms(&retention_text)
+        .map_err(|e| anyhow::anyhow!("server.retention: {e}"))?;
+    let q = promgate_server::query::QueryConfig::default();
+    Ok(promgate_server::ServerConfig {
+        listen: addr(
+            listen,
+            &section.listen,
+            promgate_server::LISTEN_DEFAULT,
+            "server.listen",
+        )?,
+        query_listen: addr(
+            query_listen,
+            &section.query_listen,
+            promgate_server::QUERY_LISTEN_DEFAULT,
+            "server.query_listen",
+        )?,
+        data_dir,
+        retention_ms,
+        query: promgate_server::query::QueryConfig {
+            read_samples_max: section.read_samples_max.unwrap_or(q.read_samples_max),
+            connections_max: section.query_connections_max.unwrap_or(q.connections_max),
+            ..q
+        },
+    })
+}
+
+pub fn resolve_server(
+    flags: &ServerFlags,
+) -> anyhow::Result<(promgate_server::ServerConfig, String)> {
+    let file: ServerFile = match &flags.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading config {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing config {}", p.display()))?
+        }
+        None => ServerFile::default(),
+    };
+    let data_dir = flags
+        .data_dir
+        .clone()
+        .or_else(|| file.server.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(SERVER_DATA_DIR_DEFAULT));
+    let c = server_config(
+        &file.server,
+        flags.listen.as_deref(),
+        flags.query_listen.as_deref(),
+        data_dir,
+        flags.retention.as_deref(),
+    )?;
+    let level = flags
+        .log_level
+        .clone()
+        .or(file.log.level)
+        .unwrap_or_else(|| "info".into());
+    Ok((c, level))
 }
 
 /// The validated settings the agent runs with.
@@ -136,6 +290,12 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub data_dir_explicit: bool,
     pub log_level: String,
+    pub ship: promgate_shards::ship::ShipConfig,
+    /// `None`: ship to `ship.server`. `Some`: run this server in-process (its data
+    /// directory is set once the agent's is known).
+    pub embedded: Option<ServerSection>,
+    pub embedded_listen: Option<String>,
+    pub embedded_query_listen: Option<String>,
 }
 
 pub fn load_file(path: &Path) -> anyhow::Result<File> {
@@ -233,7 +393,32 @@ impl AgentConfig {
             retention_bytes: file.wal.retention_bytes.unwrap_or(w.retention_bytes),
             retention_age_s: file.wal.retention_age_s.unwrap_or(w.retention_age_s),
         };
+        let sd = promgate_shards::ship::ShipConfig::default();
+        let server = flags.server.clone().or(file.ship.server.clone());
+        let agent_id = flags.agent_id.clone().or(file.ship.agent_id.clone());
+        let ship = promgate_shards::ship::ShipConfig {
+            server: server.clone().unwrap_or_default(),
+            agent_id: agent_id.clone().unwrap_or_default(),
+            batch_samples_max: file.ship.batch_samples_max.unwrap_or(sd.batch_samples_max),
+            compress: file.ship.compress.unwrap_or(sd.compress),
+            backoff_min: sd.backoff_min,
+            backoff_max: file
+                .ship
+                .backoff_max_ms
+                .map_or(sd.backoff_max, std::time::Duration::from_millis),
+            reply_timeout: file
+                .ship
+                .reply_timeout_ms
+                .map_or(sd.reply_timeout, std::time::Duration::from_millis),
+        };
+        if ship.batch_samples_max == 0 {
+            bail!("ship.batch_samples_max must be positive");
+        }
         let config = AgentConfig {
+            ship,
+            embedded: server.is_none().then(|| file.server.clone()),
+            embedded_listen: flags.server_listen.clone(),
+            embedded_query_listen: flags.query_listen.clone(),
             wal,
             options: AgentOptions {
                 listen,
@@ -255,6 +440,15 @@ impl AgentConfig {
                 .unwrap_or_else(|| "info".into()),
         };
         config.validate()?;
+        if let Some(section) = &config.embedded {
+            server_config(
+                section,
+                config.embedded_listen.as_deref(),
+                config.embedded_query_listen.as_deref(),
+                PathBuf::new(),
+                None,
+            )?;
+        }
         Ok(config)
     }
 

@@ -3,19 +3,12 @@
 
 use anyhow::Context;
 use promgate_proto::batch::{Count, METADATA_NONE};
-use promgate_proto::{decode, Batch, Decoded, Limits, Protocol, RejectCounts};
-use promgate_shards::wal::format::{self, RemoteWritePayload, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
+use promgate_proto::Decoded;
+use promgate_shards::ship::replay_payload;
+use promgate_shards::wal::format::{self, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
 use promgate_shards::wal::storage::{list_segments, load_floor};
 use std::io::Write;
 use std::path::Path;
-
-/// Decoding limits for replay: the record says which series were refused at receive
-/// time, so replay itself refuses nothing on account of limits.
-const REPLAY_LIMITS: Limits = Limits {
-    labels_per_series_max: u32::MAX,
-    label_name_bytes_max: u32::MAX,
-    label_value_bytes_max: u32::MAX,
-};
 
 #[derive(Default)]
 struct Totals {
@@ -28,37 +21,6 @@ struct Totals {
     first_seq: Option<u64>,
     last_seq: Option<u64>,
     problems: u64,
-}
-
-/// Calls `visit` with the accepted part of one record's request.
-pub fn replay_payload(payload: &[u8], mut visit: impl FnMut(Decoded<'_>)) -> Result<(), String> {
-    let p = RemoteWritePayload::parse(payload)?;
-    let protocol = match p.protocol {
-        1 => Protocol::V1,
-        2 => Protocol::V2,
-        other => return Err(format!("unknown protocol byte {other}")),
-    };
-    let raw = snap::raw::Decoder::new()
-        .decompress_vec(p.body)
-        .map_err(|e| format!("snappy: {e}"))?;
-    let mut batch = Batch::default();
-    decode(
-        protocol,
-        &raw,
-        &REPLAY_LIMITS,
-        &mut batch,
-        &mut RejectCounts::default(),
-    )
-    .map_err(|e| e.to_string())?;
-    let rejected: Vec<u32> = p.rejected().collect();
-    batch
-        .series
-        .retain(|s| rejected.binary_search(&s.index).is_err());
-    visit(Decoded {
-        batch: &batch,
-        body: &raw,
-    });
-    Ok(())
 }
 
 pub fn run(data_dir: &Path, dump: bool) -> anyhow::Result<bool> {

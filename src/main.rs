@@ -1,11 +1,12 @@
-//! `promgate`: the command line. `promgate agent` runs the remote_write receiver;
-//! `promgate run` (also plain `promgate`) is the one-command embedded default.
+//! `promgate`: the command line. `promgate agent` runs the remote_write receiver and its
+//! shippers; `promgate server` runs the store and query listeners; `promgate run` (also
+//! plain `promgate`) is the one-command embedded default: both in one process.
 
 mod config;
 mod inspect;
 
 use clap::{Parser, Subcommand};
-use config::{AgentConfig, AgentFlags};
+use config::{AgentConfig, AgentFlags, ServerFlags};
 use promgate_shards::sink::WalSink;
 use promgate_shards::wal::storage::DmaStorage;
 use promgate_shards::wal::Wal;
@@ -16,7 +17,7 @@ use std::process::ExitCode;
 #[command(
     name = "promgate",
     version,
-    about = "Thread-per-core io_uring Prometheus remote_write agent"
+    about = "Thread-per-core io_uring Prometheus remote_write agent and server"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,8 +34,16 @@ enum Command {
         #[arg(long)]
         check_config: bool,
     },
-    /// Run everything on one machine with defaults (today: the agent; the in-process
-    /// server joins when shipping lands).
+    /// Run the server: ship listener, the `prometheus` store, remote_read and query API.
+    Server {
+        #[command(flatten)]
+        flags: ServerFlags,
+        /// Validate the configuration, print it, and exit.
+        #[arg(long)]
+        check_config: bool,
+    },
+    /// Run everything on one machine with defaults: the agent and, in the same process,
+    /// the server (data under ./promgate-data when /var/lib/promgate is not writable).
     Run {
         #[command(flatten)]
         flags: AgentFlags,
@@ -96,6 +105,33 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
     init_logging(&config.log_level);
     prepare_data_dir(&mut config, allow_fallback)?;
     warn_orphan_shards(&config.data_dir, config.options.shards);
+    if config.ship.agent_id.is_empty() {
+        config.ship.agent_id = agent_id(&config.data_dir)?;
+    }
+    if let Some(section) = &config.embedded {
+        let dir = section
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("server"));
+        let server_config = config::server_config(
+            section,
+            config.embedded_listen.as_deref(),
+            config.embedded_query_listen.as_deref(),
+            dir,
+            None,
+        )?;
+        let server = promgate_server::start(server_config)?;
+        let ip = match server.ship_addr.ip() {
+            ip if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+            ip => ip,
+        };
+        config.ship.server = std::net::SocketAddr::new(ip, server.ship_addr.port()).to_string();
+        tracing::info!(ship = %server.ship_addr, query = %server.query_addr, "embedded server running in this process");
+        // The server's threads live as long as the process.
+        std::mem::forget(server);
+    }
+    tracing::info!(server = %config.ship.server, agent_id = %config.ship.agent_id, "shipping");
+    let ship_config = config.ship.clone();
     let wal_root = config.data_dir.join("wal");
     let wal_config = config.wal.clone();
     tracing::info!(dir = %wal_root.display(), fsync = ?wal_config.fsync, max_bytes = wal_config.max_bytes, "write-ahead log");
@@ -130,8 +166,61 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
         for (segment, why) in &rec.unreadable {
             tracing::error!(shard, segment, reason = %why, "unreadable WAL segment left in place");
         }
+        let wal = std::rc::Rc::new(wal);
+        promgate_shards::ship::Shipper {
+            shard: shard as u32,
+            wal: wal.clone(),
+            config: ship_config.clone(),
+            metrics: metrics.clone(),
+        }
+        .spawn();
         Ok(WalSink { wal })
     })
+}
+
+/// This agent's id: generated at first start and kept in DATA_DIR/agent_id, so the
+/// server's exactly-once ledger recognises it across restarts.
+fn agent_id(data_dir: &Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::io::{Read, Write};
+    let path = data_dir.join("agent_id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_string();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "agent".into());
+    let mut random = [0u8; 6];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .context("reading /dev/urandom for the agent id")?;
+    let id = format!(
+        "{host}-{}",
+        random
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    let tmp = data_dir.join("agent_id.tmp");
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(format!("{id}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(data_dir)?.sync_all()?;
+    Ok(id)
+}
+
+fn run_server(flags: &ServerFlags) -> anyhow::Result<()> {
+    let (config, level) = config::resolve_server(flags)?;
+    init_logging(&level);
+    promgate_server::start(config)?;
+    loop {
+        std::thread::park();
+    }
 }
 
 /// A WAL directory of a shard that no longer runs still holds records; say so.
@@ -179,6 +268,20 @@ fn main() -> ExitCode {
             }
         },
         Command::Agent { flags, .. } => run_agent(&flags, false),
+        Command::Server {
+            flags,
+            check_config: true,
+        } => match config::resolve_server(&flags) {
+            Ok((c, _)) => {
+                println!("config OK: {c:#?}");
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("promgate: invalid config: {e:#}");
+                return ExitCode::from(2);
+            }
+        },
+        Command::Server { flags, .. } => run_server(&flags),
         Command::Run { flags } => run_agent(&flags, true),
         Command::Wal {
             command: WalCommand::Inspect { data_dir, dump },

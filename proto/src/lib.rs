@@ -5,6 +5,7 @@ pub mod batch;
 pub mod decode;
 pub mod messages;
 pub mod remote_write;
+pub mod ship;
 pub mod wire;
 pub mod xor;
 

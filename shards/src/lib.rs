@@ -5,5 +5,6 @@ pub mod http;
 pub mod metrics;
 pub mod receive;
 pub mod runtime;
+pub mod ship;
 pub mod sink;
 pub mod wal;

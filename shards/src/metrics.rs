@@ -129,6 +129,24 @@ impl Default for WalMetrics {
     }
 }
 
+/// The shard's shipper (WAL → server).
+#[derive(Default)]
+pub struct ShipMetrics {
+    pub connected: AtomicU64,
+    pub connects: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub errors: AtomicU64,
+    pub batches: AtomicU64,
+    pub records: AtomicU64,
+    pub samples: AtomicU64,
+    pub histograms: AtomicU64,
+    pub exemplars: AtomicU64,
+    pub series_sent: AtomicU64,
+    pub bytes: AtomicU64,
+    pub acked_seq: AtomicU64,
+    pub skipped_records: AtomicU64,
+}
+
 pub struct ShardMetrics {
     pub requests: [AtomicU64; STATUSES.len()],
     pub request_rejects: [AtomicU64; REQUEST_REJECTS.len()],
@@ -145,6 +163,7 @@ pub struct ShardMetrics {
     pub connections_total: AtomicU64,
     pub connections_rejected: AtomicU64,
     pub wal: WalMetrics,
+    pub ship: ShipMetrics,
 }
 
 impl Default for ShardMetrics {
@@ -165,6 +184,7 @@ impl Default for ShardMetrics {
             connections_total: AtomicU64::new(0),
             connections_rejected: AtomicU64::new(0),
             wal: WalMetrics::default(),
+            ship: ShipMetrics::default(),
         }
     }
 }
@@ -340,6 +360,7 @@ pub fn render(shards: &[ShardMetrics], out: &mut String) {
         |m| &m.connections_rejected,
     );
     render_wal(shards, out);
+    render_ship(shards, out);
     process(out);
 }
 
@@ -426,6 +447,40 @@ fn render_wal(shards: &[ShardMetrics], out: &mut String) {
         shards,
         |m| &m.wal.commit_records,
     );
+}
+
+fn render_ship(shards: &[ShardMetrics], out: &mut String) {
+    let gauges: [(&str, &str, Getter); 2] = [
+        (
+            "promgate_agent_ship_connected",
+            "1 while the shard's shipper is connected to the server.",
+            |m| &m.ship.connected,
+        ),
+        (
+            "promgate_agent_ship_acked_seq",
+            "Highest WAL sequence number the server has acknowledged as stored.",
+            |m| &m.ship.acked_seq,
+        ),
+    ];
+    for (name, help, get) in gauges {
+        per_shard(out, name, "gauge", help, shards, get);
+    }
+    let counters: [(&str, &str, Getter); 11] = [
+        ("promgate_agent_ship_connects_total", "Connections made to the server.", |m| &m.ship.connects),
+        ("promgate_agent_ship_connect_failures_total", "Failed connection attempts (retried with back-off).", |m| &m.ship.connect_failures),
+        ("promgate_agent_ship_errors_total", "Connections ended by an error (error frame, I/O, timeout); the batch is resent.", |m| &m.ship.errors),
+        ("promgate_agent_ship_batches_total", "Batches acknowledged by the server.", |m| &m.ship.batches),
+        ("promgate_agent_ship_records_total", "WAL records acknowledged by the server.", |m| &m.ship.records),
+        ("promgate_agent_ship_samples_total", "Samples acknowledged by the server.", |m| &m.ship.samples),
+        ("promgate_agent_ship_histograms_total", "Native histogram samples acknowledged by the server.", |m| &m.ship.histograms),
+        ("promgate_agent_ship_exemplars_total", "Exemplars acknowledged by the server.", |m| &m.ship.exemplars),
+        ("promgate_agent_ship_series_sent_total", "Label sets sent (once per series per connection).", |m| &m.ship.series_sent),
+        ("promgate_agent_ship_bytes_total", "Frame bytes sent to the server.", |m| &m.ship.bytes),
+        ("promgate_agent_ship_skipped_records_total", "WAL records that could not be read back (corrupt or unknown format) and were not shipped.", |m| &m.ship.skipped_records),
+    ];
+    for (name, help, get) in counters {
+        per_shard(out, name, "counter", help, shards, get);
+    }
 }
 
 /// Process CPU seconds and resident memory, so a load test can read the agent's cost.

@@ -82,7 +82,8 @@ pub trait Sink {
 
 /// Makes each request durable in the shard's WAL before it is acknowledged.
 pub struct WalSink<S: Storage> {
-    pub wal: Wal<S>,
+    /// Shared with the shard's shipper, which reads and truncates it.
+    pub wal: std::rc::Rc<Wal<S>>,
 }
 
 /// The protocol byte of WAL payload format 1.

@@ -286,6 +286,18 @@ fn record_at(seg: &[u8], at: usize, after: u64, exact: Option<u64>) -> Option<Re
     })
 }
 
+/// The records of a committed buffer (records back to back, no segment header), which
+/// start at `first_seq` and are consecutive. Stops at the first one that does not check.
+pub fn records(buf: &[u8], first_seq: u64) -> Vec<RecordRef> {
+    let (mut at, mut next, mut out) = (0, first_seq, Vec::new());
+    while let Some(r) = record_at(buf, at, 0, Some(next)) {
+        at = r.end;
+        next += 1;
+        out.push(r);
+    }
+    out
+}
+
 /// Reads every valid record of one segment (see the module doc for the rules).
 pub fn scan(seg: &[u8]) -> Result<Scan, String> {
     let header = SegmentHeader::decode(seg)?;

@@ -219,7 +219,14 @@ pub struct Wal<S: Storage> {
     metrics: Arc<Vec<crate::metrics::ShardMetrics>>,
     state: RefCell<State<S::Writer>>,
     committed: Notify,
+    /// The newest committed buffers, `(first_seq, records)`, so the shipper reads what
+    /// was just written from memory instead of from the segment file.
+    recent: RefCell<VecDeque<(u64, std::rc::Rc<Vec<u8>>)>>,
+    recent_bytes: Cell<usize>,
 }
+
+/// Bytes of committed records kept in memory for the shipper.
+const RECENT_BYTES_MAX: usize = 32 << 20;
 
 /// Polling step while the committer gathers records in `batch` mode.
 const GATHER_STEP_US: u64 = 200;
@@ -361,6 +368,8 @@ impl<S: Storage> Wal<S> {
                 failure: None,
             }),
             committed: Notify::default(),
+            recent: RefCell::new(VecDeque::new()),
+            recent_bytes: Cell::new(0),
         };
         Ok((wal, rec))
     }
@@ -493,6 +502,7 @@ impl<S: Storage> Wal<S> {
             let mut writer = writer;
             match self.write_and_sync(&mut writer, &buf, first_seq).await {
                 Ok(()) => {
+                    self.remember(first_seq, &buf);
                     let w = writer.expect("a successful write leaves a writer");
                     self.committed_ok(w, buf.len() as u64, records, last_seq)
                         .await;
@@ -725,6 +735,24 @@ impl<S: Storage> Wal<S> {
         self.publish(&self.state.borrow());
     }
 
+    /// Keeps a copy of a committed buffer for [`Wal::replay`], dropping the oldest ones
+    /// beyond [`RECENT_BYTES_MAX`].
+    fn remember(&self, first_seq: u64, buf: &[u8]) {
+        let mut recent = self.recent.borrow_mut();
+        recent.push_back((first_seq, std::rc::Rc::new(buf.to_vec())));
+        let mut bytes = self.recent_bytes.get() + buf.len();
+        while bytes > RECENT_BYTES_MAX && recent.len() > 1 {
+            let (_, b) = recent.pop_front().expect("more than one");
+            bytes -= b.len();
+        }
+        self.recent_bytes.set(bytes);
+    }
+
+    /// Resolves after the next commit (successful or not) finishes.
+    pub async fn wait_commit(&self) {
+        self.committed.wait().await
+    }
+
     /// Calls `visit(seq, kind, format, payload)` for every durable record with a
     /// sequence number `>= from_seq`, oldest first, reading one segment at a time: what
     /// recovery found and what was appended since. This is the shipper's way in; it
@@ -734,6 +762,26 @@ impl<S: Storage> Wal<S> {
         from_seq: u64,
         mut visit: impl FnMut(u64, u8, u8, &[u8]) -> bool,
     ) -> std::io::Result<()> {
+        // The shipper usually wants what was just committed: serve it from memory.
+        let recent: Vec<(u64, std::rc::Rc<Vec<u8>>)> = {
+            let r = self.recent.borrow();
+            match r.front() {
+                Some((first, _)) if *first <= from_seq => r.iter().cloned().collect(),
+                _ => Vec::new(),
+            }
+        };
+        if !recent.is_empty() {
+            for (first, buf) in recent {
+                for r in format::records(&buf, first) {
+                    if r.seq >= from_seq
+                        && !visit(r.seq, r.kind, r.format, &buf[r.payload.0..r.payload.1])
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+            return Ok(());
+        }
         let (mut segments, open, durable) = {
             let st = self.state.borrow();
             let sealed: Vec<(u64, u64)> = st

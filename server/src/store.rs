@@ -1,0 +1,786 @@
+//! The `prometheus` database: series index, XOR chunks, native histograms, exemplars,
+//! metadata and the exactly-once ledger, in one embedded redb file.
+//!
+//! redb (a well-kept, pure-Rust, copy-on-write B-tree with ACID transactions) does what it
+//! is good at: keys, values, atomic multi-table commits and crash safety (a commit is
+//! durable when it returns; a torn commit is rolled back at open). What it stores for
+//! samples is Prometheus's XOR chunk encoding ([`promgate_proto::xor`]), so remote_read
+//! streams chunks as they are, without re-encoding.
+//!
+//! ## On-disk layout: `<data_dir>/prometheus.redb`
+//!
+//! ```text
+//! table        key                                  value
+//! series       labels (canonical encoding, below)   series id u64 (ids start at 1)
+//! labels       series id u64                        labels (canonical encoding)
+//! postings     lp(name) lp(value) sid(u64 BE)       ()          one per label pair per series
+//! chunks       (partition i64, sid u64, min_t i64)  max_t i64 LE | XOR chunk bytes   (sealed)
+//! head         sid u64                              partition i64 LE | min_t i64 LE | XOR chunk
+//! histograms   (partition i64, sid u64, t i64)      remote_write 1.0 Histogram message (protobuf)
+//! exemplars    (partition i64, sid u64, t i64)      value bits u64 LE | labels (canonical)
+//! metadata     metric family name                   type i32 LE | lp(help) | lp(unit)
+//! applied      "agent\0shard"                       highest applied WAL seq u64
+//! meta         "next_sid"                           u64
+//!
+//! canonical labels := (lp(name) lp(value))*   sorted by name;  lp(s) := u32 BE length | bytes
+//! partition        := floor(t / PARTITION_MS), PARTITION_MS = 2 h
+//! ```
+//!
+//! ## Write path
+//!
+//! [`Store::apply`] takes one ship batch and, in one write transaction: interns new label
+//! sets (series, labels, postings), appends each sample to its series' open chunk (the
+//! head, kept decoded in memory and written to `head` for every series the batch
+//! touched), seals a chunk into `chunks` when it holds 120 samples or the next sample
+//! falls in another partition, stores histograms, exemplars and metadata, and raises
+//! `applied` for the batch's (agent, shard) to its `last_seq`. The commit is durable when
+//! `apply` returns, and only then is the batch acknowledged. A batch whose `last_seq` is
+//! not above `applied` is skipped whole: a replay never stores a sample twice.
+//!
+//! A sample whose timestamp is not after the newest one of its series is not stored:
+//! equal timestamp and identical bits is a resend (`samples_duplicate_total`), anything
+//! else is out of order (`samples_out_of_order_total`). So two samples of one series never
+//! share a timestamp, and chunks are always in time order. Histograms and exemplars are
+//! keyed by timestamp; an existing key is kept (a resend).
+//!
+//! ## Recovery and retention
+//!
+//! At open, the head is rebuilt from `head` (each chunk decoded and re-encoded into a
+//! live encoder). Retention (`retention`, default 15 days) deletes whole partitions that
+//! ended before `now - retention` from `chunks`, `histograms`, `exemplars` and `head`.
+//! The series index is kept (series are not garbage-collected yet).
+
+use hashbrown::HashMap;
+use promgate_proto::ship::ArchivedShipBatch;
+use promgate_proto::xor::{self, XorEncoder, SAMPLES_PER_CHUNK_MAX};
+use redb::{Database, ReadableTable, TableDefinition};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+pub const PARTITION_MS: i64 = 2 * 3600 * 1000;
+
+const SERIES: TableDefinition<&[u8], u64> = TableDefinition::new("series");
+const LABELS: TableDefinition<u64, &[u8]> = TableDefinition::new("labels");
+const POSTINGS: TableDefinition<&[u8], ()> = TableDefinition::new("postings");
+const CHUNKS: TableDefinition<(i64, u64, i64), &[u8]> = TableDefinition::new("chunks");
+const HEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("head");
+const HISTOGRAMS: TableDefinition<(i64, u64, i64), &[u8]> = TableDefinition::new("histograms");
+const EXEMPLARS: TableDefinition<(i64, u64, i64), &[u8]> = TableDefinition::new("exemplars");
+const METADATA: TableDefinition<&str, &[u8]> = TableDefinition::new("metadata");
+const APPLIED: TableDefinition<&str, u64> = TableDefinition::new("applied");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+pub type Labels = Vec<(String, String)>;
+
+pub fn partition_of(t: i64) -> i64 {
+    t.div_euclid(PARTITION_MS)
+}
+
+fn put_lp(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+fn take_lp<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+    if b.len() < 4 {
+        return None;
+    }
+    let n = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    let s = b.get(4..4 + n)?;
+    *b = &b[4 + n..];
+    Some(s)
+}
+
+pub fn encode_labels<'a>(labels: impl Iterator<Item = (&'a str, &'a str)>, out: &mut Vec<u8>) {
+    out.clear();
+    for (n, v) in labels {
+        put_lp(out, n.as_bytes());
+        put_lp(out, v.as_bytes());
+    }
+}
+
+pub fn decode_labels(mut b: &[u8]) -> Labels {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let (Some(n), Some(v)) = (take_lp(&mut b), take_lp(&mut b)) else {
+            break;
+        };
+        out.push((
+            String::from_utf8_lossy(n).into_owned(),
+            String::from_utf8_lossy(v).into_owned(),
+        ));
+    }
+    out
+}
+
+/// `lp(name)`: the postings prefix of every value of `name`.
+pub fn postings_name_prefix(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 4);
+    put_lp(&mut k, name.as_bytes());
+    k
+}
+
+/// `lp(name) lp(value)`: the postings prefix of one label pair.
+pub fn postings_pair_prefix(name: &str, value: &str) -> Vec<u8> {
+    let mut k = postings_name_prefix(name);
+    put_lp(&mut k, value.as_bytes());
+    k
+}
+
+/// The smallest key after every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 9]
+}
+
+#[derive(Default)]
+pub struct StoreMetrics {
+    pub batches_applied: AtomicU64,
+    pub batches_replayed: AtomicU64,
+    pub series_created: AtomicU64,
+    pub samples_appended: AtomicU64,
+    pub samples_duplicate: AtomicU64,
+    pub samples_out_of_order: AtomicU64,
+    pub chunks_sealed: AtomicU64,
+    pub histograms_stored: AtomicU64,
+    pub histograms_duplicate: AtomicU64,
+    pub exemplars_stored: AtomicU64,
+    pub metadata_stored: AtomicU64,
+    pub commit_errors: AtomicU64,
+    pub commit_micros: AtomicU64,
+    pub retention_partitions_deleted: AtomicU64,
+}
+
+struct HeadSeries {
+    enc: XorEncoder,
+    partition: i64,
+    min_t: i64,
+    max_t: i64,
+    /// Bits of the newest value (to tell a resend from a conflicting sample).
+    last_bits: u64,
+}
+
+struct Head {
+    series: HashMap<u64, HeadSeries>,
+    next_sid: u64,
+    applied: HashMap<String, u64>,
+    /// Memory no longer matches disk after a failed commit: rebuild before the next use.
+    stale: bool,
+}
+
+pub struct Store {
+    db: Database,
+    head: Mutex<Head>,
+    pub metrics: StoreMetrics,
+    pub retention_ms: i64,
+}
+
+#[derive(Debug)]
+pub enum ApplyError {
+    /// A malformed batch (unknown series reference): the connection's fault.
+    Batch(String),
+    /// The sequence range overlaps what is applied in a way no replay produces.
+    Sequence(String),
+    /// The store could not commit; nothing of the batch is stored.
+    Storage(String),
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Batch(m) | ApplyError::Sequence(m) | ApplyError::Storage(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
+fn storage<E: std::fmt::Display>(e: E) -> ApplyError {
+    ApplyError::Storage(e.to_string())
+}
+
+/// What [`Store::apply`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    Stored {
+        samples: u64,
+    },
+    /// Already applied before (a replay): nothing stored.
+    Replay,
+}
+
+pub fn applied_key(agent: &str, shard: u32) -> String {
+    format!("{agent}\0{shard}")
+}
+
+/// One series' data for a query window.
+#[derive(Default, Debug)]
+pub struct SeriesData {
+    /// (min_t, max_t, XOR chunk) in time order, sealed chunks then the head.
+    pub chunks: Vec<(i64, i64, Vec<u8>)>,
+    /// (t, Histogram protobuf) in time order.
+    pub histograms: Vec<(i64, Vec<u8>)>,
+}
+
+impl Store {
+    pub fn open(dir: &Path, retention_ms: i64) -> anyhow::Result<Store> {
+        use anyhow::Context;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("prometheus.redb");
+        let db = Database::create(&path).with_context(|| format!("opening {}", path.display()))?;
+        let tx = db.begin_write()?;
+        tx.open_table(SERIES)?;
+        tx.open_table(LABELS)?;
+        tx.open_table(POSTINGS)?;
+        tx.open_table(CHUNKS)?;
+        tx.open_table(HEAD)?;
+        tx.open_table(HISTOGRAMS)?;
+        tx.open_table(EXEMPLARS)?;
+        tx.open_table(METADATA)?;
+        tx.open_table(APPLIED)?;
+        tx.open_table(META)?;
+        tx.commit()?;
+        let store = Store {
+            db,
+            head: Mutex::new(Head {
+                series: HashMap::new(),
+                next_sid: 1,
+                applied: HashMap::new(),
+                stale: true,
+            }),
+            metrics: StoreMetrics::default(),
+            retention_ms,
+        };
+        {
+            let mut head = store.head.lock().expect("not poisoned");
+            store.load_head(&mut head)?;
+        }
+        Ok(store)
+    }
+
+    /// Rebuilds the in-memory head and ledger from disk.
+    fn load_head(&self, head: &mut Head) -> anyhow::Result<()> {
+        let rtx = self.db.begin_read()?;
+        head.series.clear();
+        head.applied.clear();
+        for row in rtx.open_table(HEAD)?.iter()? {
+            let (k, v) = row?;
+            let v = v.value();
+            anyhow::ensure!(v.len() >= 16, "head entry of series {} is short", k.value());
+            let partition = i64::from_le_bytes(v[0..8].try_into().expect("8"));
+            let min_t = i64::from_le_bytes(v[8..16].try_into().expect("8"));
+            let samples = xor::decode(&v[16..])
+                .map_err(|e| anyhow::anyhow!("head chunk of series {}: {e:?}", k.value()))?;
+            let mut enc = XorEncoder::default();
+            let (mut max_t, mut last_bits) = (min_t, 0);
+            for (t, v) in samples {
+                enc.append(t, v);
+                max_t = t;
+                last_bits = v.to_bits();
+            }
+            head.series.insert(
+                k.value(),
+                HeadSeries {
+                    enc,
+                    partition,
+                    min_t,
+                    max_t,
+                    last_bits,
+                },
+            );
+        }
+        for row in rtx.open_table(APPLIED)?.iter()? {
+            let (k, v) = row?;
+            head.applied.insert(k.value().to_string(), v.value());
+        }
+        head.next_sid = rtx
+            .open_table(META)?
+            .get("next_sid")?
+            .map_or(1, |v| v.value());
+        head.stale = false;
+        Ok(())
+    }
+
+    /// Highest applied sequence number of (agent, shard); 0 if none.
+    pub fn applied_seq(&self, agent: &str, shard: u32) -> u64 {
+        let head = self.head.lock().expect("not poisoned");
+        head.applied
+            .get(&applied_key(agent, shard))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Stores one batch durably (see the module doc). `refs` maps this connection's
+    /// series references to series ids and grows with the batch's new series.
+    pub fn apply(
+        &self,
+        b: &ArchivedShipBatch,
+        refs: &mut HashMap<u32, u64>,
+    ) -> Result<Applied, ApplyError> {
+        let mut head = self.head.lock().expect("not poisoned");
+        if head.stale {
+            self.load_head(&mut head).map_err(storage)?;
+        }
+        let key = applied_key(&b.agent, b.shard.to_native());
+        let applied = head.applied.get(&key).copied().unwrap_or(0);
+        let (first, last) = (b.first_seq.to_native(), b.last_seq.to_native());
+        // Series must be interned even for a replayed batch: later batches on this
+        // connection refer to them.
+        if last <= applied {
+            self.intern_only(&mut head, b, refs)?;
+            self.metrics.batches_replayed.fetch_add(1, Relaxed);
+            return Ok(Applied::Replay);
+        }
+        if first <= applied {
+            return Err(ApplyError::Sequence(format!(
+                "batch {first}..={last} of {key:?} overlaps the applied sequence {applied}"
+            )));
+        }
+        let started = std::time::Instant::now();
+        head.stale = true; // until the commit succeeds
+        let result = self.apply_locked(&mut head, b, refs, &key, last);
+        match result {
+            Ok(n) => {
+                head.stale = false;
+                head.applied.insert(key, last);
+                self.metrics.batches_applied.fetch_add(1, Relaxed);
+                self.metrics
+                    .commit_micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+                Ok(Applied::Stored { samples: n })
+            }
+            Err(e) => {
+                self.metrics.commit_errors.fetch_add(1, Relaxed);
+                // Connection refs may point at series ids that were never committed.
+                refs.clear();
+                Err(e)
+            }
+        }
+    }
+
+    fn intern_only(
+        &self,
+        head: &mut Head,
+        b: &ArchivedShipBatch,
+        refs: &mut HashMap<u32, u64>,
+    ) -> Result<(), ApplyError> {
+        if b.new_series.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write().map_err(storage)?;
+        let mut next_sid = head.next_sid;
+        self.intern(&tx, b, refs, &mut next_sid)?;
+        tx.open_table(META)
+            .map_err(storage)?
+            .insert("next_sid", next_sid)
+            .map_err(storage)?;
+        tx.commit().map_err(storage)?;
+        head.next_sid = next_sid;
+        Ok(())
+    }
+
+    fn intern(
+        &self,
+        tx: &redb::WriteTransaction,
+        b: &ArchivedShipBatch,
+        refs: &mut HashMap<u32, u64>,
+        next_sid: &mut u64,
+    ) -> Result<(), ApplyError> {
+        let mut series = tx.open_table(SERIES).map_err(storage)?;
+        let mut labels_t = tx.open_table(LABELS).map_err(storage)?;
+        let mut postings = tx.open_table(POSTINGS).map_err(storage)?;
+        let mut key = Vec::new();
+        for s in b.new_series.iter() {
+            encode_labels(
+                s.labels.iter().map(|l| (l.name.as_str(), l.value.as_str())),
+                &mut key,
+            );
+            let existing = series
+                .get(key.as_slice())
+                .map_err(storage)?
+                .map(|v| v.value());
+            let sid = match existing {
+                Some(sid) => sid,
+                None => {
+                    let sid = *next_sid;
+                    *next_sid += 1;
+                    series.insert(key.as_slice(), sid).map_err(storage)?;
+                    labels_t.insert(sid, key.as_slice()).map_err(storage)?;
+                    for l in s.labels.iter() {
+                        let mut p = postings_pair_prefix(&l.name, &l.value);
+                        p.extend_from_slice(&sid.to_be_bytes());
+                        postings.insert(p.as_slice(), ()).map_err(storage)?;
+                    }
+                    self.metrics.series_created.fetch_add(1, Relaxed);
+                    sid
+                }
+            };
+            refs.insert(s.series_ref.to_native(), sid);
+        }
+        Ok(())
+    }
+
+    fn apply_locked(
+        &self,
+        head: &mut Head,
+        b: &ArchivedShipBatch,
+        refs: &mut HashMap<u32, u64>,
+        applied_key: &str,
+        last: u64,
+    ) -> Result<u64, ApplyError> {
+        let tx = self.db.begin_write().map_err(storage)?;
+        let mut next_sid = head.next_sid;
+        self.intern(&tx, b, refs, &mut next_sid)?;
+        let sid_of = |r: u32| {
+            refs.get(&r).copied().ok_or_else(|| {
+                ApplyError::Batch(format!("sample refers to unknown series ref {r}"))
+            })
+        };
+        let mut touched: hashbrown::HashSet<u64> = hashbrown::HashSet::new();
+        let mut stored = 0u64;
+        {
+            let mut chunks = tx.open_table(CHUNKS).map_err(storage)?;
+            let mut value = Vec::new();
+            for i in 0..b.sample_refs.len() {
+                let sid = sid_of(b.sample_refs[i].to_native())?;
+                let t = b.sample_ts[i].to_native();
+                let v = f64::from_bits(b.sample_values[i].to_native());
+                let p = partition_of(t);
+                match head.series.get_mut(&sid) {
+                    Some(h) if t <= h.max_t => {
+                        let dup = t == h.max_t && h.last_bits == v.to_bits();
+                        if dup {
+                            self.metrics.samples_duplicate.fetch_add(1, Relaxed);
+                        } else {
+                            self.metrics.samples_out_of_order.fetch_add(1, Relaxed);
+                        }
+                        continue;
+                    }
+                    Some(h) if h.partition != p || h.enc.len() >= SAMPLES_PER_CHUNK_MAX => {
+                        value.clear();
+                        value.extend_from_slice(&h.max_t.to_le_bytes());
+                        value.extend_from_slice(h.enc.bytes());
+                        chunks
+                            .insert((h.partition, sid, h.min_t), value.as_slice())
+                            .map_err(storage)?;
+                        self.metrics.chunks_sealed.fetch_add(1, Relaxed);
+                        let mut enc = XorEncoder::default();
+                        enc.append(t, v);
+                        *h = HeadSeries {
+                            enc,
+                            partition: p,
+                            min_t: t,
+                            max_t: t,
+                            last_bits: v.to_bits(),
+                        };
+                    }
+                    Some(h) => {
+                        h.enc.append(t, v);
+                        h.max_t = t;
+                        h.last_bits = v.to_bits();
+                    }
+                    None => {
+                        let mut enc = XorEncoder::default();
+                        enc.append(t, v);
+                        head.series.insert(
+                            sid,
+                            HeadSeries {
+                                enc,
+                                partition: p,
+                                min_t: t,
+                                max_t: t,
+                                last_bits: v.to_bits(),
+                            },
+                        );
+                    }
+                }
+                touched.insert(sid);
+                stored += 1;
+            }
+            let mut head_t = tx.open_table(HEAD).map_err(storage)?;
+            for sid in &touched {
+                let h = &head.series[sid];
+                value.clear();
+                value.extend_from_slice(&h.partition.to_le_bytes());
+                value.extend_from_slice(&h.min_t.to_le_bytes());
+                value.extend_from_slice(h.enc.bytes());
+                head_t.insert(*sid, value.as_slice()).map_err(storage)?;
+            }
+        }
+        let (mut hist_new, mut hist_dup) = (0, 0);
+        if !b.histograms.is_empty() {
+            let mut t_ = tx.open_table(HISTOGRAMS).map_err(storage)?;
+            for h in b.histograms.iter() {
+                let sid = sid_of(h.series_ref.to_native())?;
+                let ts = h.ts.to_native();
+                let k = (partition_of(ts), sid, ts);
+                if t_.get(k).map_err(storage)?.is_some() {
+                    hist_dup += 1;
+                    continue;
+                }
+                t_.insert(k, h.proto.as_slice()).map_err(storage)?;
+                hist_new += 1;
+            }
+        }
+        let mut ex_new = 0;
+        if !b.exemplars.is_empty() {
+            let mut t_ = tx.open_table(EXEMPLARS).map_err(storage)?;
+            let mut value = Vec::new();
+            let mut lbl = Vec::new();
+            for e in b.exemplars.iter() {
+                let sid = sid_of(e.series_ref.to_native())?;
+                let ts = e.ts.to_native();
+                encode_labels(
+                    e.labels.iter().map(|l| (l.name.as_str(), l.value.as_str())),
+                    &mut lbl,
+                );
+                value.clear();
+                value.extend_from_slice(&e.value_bits.to_native().to_le_bytes());
+                value.extend_from_slice(&lbl);
+                t_.insert((partition_of(ts), sid, ts), value.as_slice())
+                    .map_err(storage)?;
+                ex_new += 1;
+            }
+        }
+        if !b.metadata.is_empty() {
+            let mut t_ = tx.open_table(METADATA).map_err(storage)?;
+            let mut value = Vec::new();
+            for m in b.metadata.iter() {
+                value.clear();
+                value.extend_from_slice(&m.kind.to_native().to_le_bytes());
+                put_lp(&mut value, m.help.as_bytes());
+                put_lp(&mut value, m.unit.as_bytes());
+                t_.insert(m.family.as_str(), value.as_slice())
+                    .map_err(storage)?;
+            }
+        }
+        tx.open_table(APPLIED)
+            .map_err(storage)?
+            .insert(applied_key, last)
+            .map_err(storage)?;
+        tx.open_table(META)
+            .map_err(storage)?
+            .insert("next_sid", next_sid)
+            .map_err(storage)?;
+        tx.commit().map_err(storage)?;
+        head.next_sid = next_sid;
+        let m = &self.metrics;
+        m.samples_appended.fetch_add(stored, Relaxed);
+        m.histograms_stored.fetch_add(hist_new, Relaxed);
+        m.histograms_duplicate.fetch_add(hist_dup, Relaxed);
+        m.exemplars_stored.fetch_add(ex_new, Relaxed);
+        m.metadata_stored
+            .fetch_add(b.metadata.len() as u64, Relaxed);
+        Ok(stored + hist_new)
+    }
+
+    pub fn reader(&self) -> anyhow::Result<Reader> {
+        Ok(Reader {
+            tx: self.db.begin_read()?,
+        })
+    }
+
+    /// Deletes every partition that ended before `now_ms - retention`. Returns the
+    /// number of partitions deleted.
+    pub fn apply_retention(&self, now_ms: i64) -> anyhow::Result<u64> {
+        let cutoff = partition_of(now_ms - self.retention_ms);
+        let mut head = self.head.lock().expect("not poisoned");
+        if head.stale {
+            self.load_head(&mut head)?;
+        }
+        let tx = self.db.begin_write()?;
+        let mut partitions = hashbrown::HashSet::new();
+        {
+            let lo = (i64::MIN, 0u64, i64::MIN);
+            let hi = (cutoff, 0u64, i64::MIN);
+            for def in [CHUNKS, HISTOGRAMS, EXEMPLARS] {
+                let mut t = tx.open_table(def)?;
+                t.retain_in(lo..hi, |k, _| {
+                    partitions.insert(k.0);
+                    false
+                })?;
+            }
+            let mut h = tx.open_table(HEAD)?;
+            let expired: Vec<u64> = head
+                .series
+                .iter()
+                .filter(|(_, s)| s.partition < cutoff)
+                .map(|(sid, _)| *sid)
+                .collect();
+            for sid in &expired {
+                h.remove(*sid)?;
+                if let Some(s) = head.series.remove(sid) {
+                    partitions.insert(s.partition);
+                }
+            }
+        }
+        tx.commit()?;
+        let n = partitions.len() as u64;
+        self.metrics
+            .retention_partitions_deleted
+            .fetch_add(n, Relaxed);
+        Ok(n)
+    }
+
+    pub fn head_series(&self) -> usize {
+        self.head.lock().expect("not poisoned").series.len()
+    }
+}
+
+/// A consistent snapshot for queries.
+pub struct Reader {
+    tx: redb::ReadTransaction,
+}
+
+impl Reader {
+    pub fn labels(&self, sid: u64) -> anyhow::Result<Option<Labels>> {
+        Ok(self
+            .tx
+            .open_table(LABELS)?
+            .get(sid)?
+            .map(|v| decode_labels(v.value())))
+    }
+
+    /// Every series id.
+    pub fn all_series(&self) -> anyhow::Result<Vec<u64>> {
+        let t = self.tx.open_table(LABELS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            out.push(row?.0.value());
+        }
+        Ok(out)
+    }
+
+    /// Series ids with label `name` = `value`, ascending.
+    pub fn postings(&self, name: &str, value: &str) -> anyhow::Result<Vec<u64>> {
+        let prefix = postings_pair_prefix(name, value);
+        let end = prefix_end(&prefix);
+        let t = self.tx.open_table(POSTINGS)?;
+        let mut out = Vec::new();
+        for row in t.range(prefix.as_slice()..end.as_slice())? {
+            let (k, _) = row?;
+            let k = k.value();
+            if k.len() == prefix.len() + 8 {
+                out.push(u64::from_be_bytes(k[prefix.len()..].try_into().expect("8")));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every value of label `name`, with the series that have it.
+    pub fn values_of(&self, name: &str) -> anyhow::Result<Vec<(String, Vec<u64>)>> {
+        let prefix = postings_name_prefix(name);
+        let end = prefix_end(&prefix);
+        let t = self.tx.open_table(POSTINGS)?;
+        let mut out: Vec<(String, Vec<u64>)> = Vec::new();
+        for row in t.range(prefix.as_slice()..end.as_slice())? {
+            let (k, _) = row?;
+            let k = k.value();
+            let mut rest = &k[prefix.len()..];
+            let Some(v) = take_lp(&mut rest) else {
+                continue;
+            };
+            if rest.len() != 8 {
+                continue;
+            }
+            let sid = u64::from_be_bytes(rest.try_into().expect("8"));
+            let v = String::from_utf8_lossy(v);
+            match out.last_mut() {
+                Some((last, ids)) if *last == v => ids.push(sid),
+                _ => out.push((v.into_owned(), vec![sid])),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every label name in the index.
+    pub fn label_names(&self) -> anyhow::Result<Vec<String>> {
+        let t = self.tx.open_table(POSTINGS)?;
+        let mut out = Vec::new();
+        let mut from: Vec<u8> = Vec::new();
+        loop {
+            let next = t.range(from.as_slice()..)?.next();
+            let Some(row) = next else { break };
+            let (k, _) = row?;
+            let mut rest = k.value();
+            let Some(name) = take_lp(&mut rest) else {
+                break;
+            };
+            out.push(String::from_utf8_lossy(name).into_owned());
+            // Skip every other key of this name: their value length is below u32::MAX.
+            from = postings_name_prefix(&String::from_utf8_lossy(name));
+            from.extend_from_slice(&[0xff; 5]);
+        }
+        Ok(out)
+    }
+
+    /// Chunks and histograms of `sid` overlapping `[start, end]`.
+    pub fn series_data(&self, sid: u64, start: i64, end: i64) -> anyhow::Result<SeriesData> {
+        let mut d = SeriesData::default();
+        let chunks = self.tx.open_table(CHUNKS)?;
+        let hist = self.tx.open_table(HISTOGRAMS)?;
+        // A chunk lies within one partition, so only the window's partitions are read.
+        for p in partition_of(start)..=partition_of(end) {
+            for row in chunks.range((p, sid, i64::MIN)..=(p, sid, i64::MAX))? {
+                let (k, v) = row?;
+                let v = v.value();
+                let max_t = i64::from_le_bytes(v[0..8].try_into().expect("8"));
+                let min_t = k.value().2;
+                if min_t <= end && max_t >= start {
+                    d.chunks.push((min_t, max_t, v[8..].to_vec()));
+                }
+            }
+            for row in hist.range((p, sid, start)..=(p, sid, end))? {
+                let (k, v) = row?;
+                d.histograms.push((k.value().2, v.value().to_vec()));
+            }
+        }
+        if let Some(v) = self.tx.open_table(HEAD)?.get(sid)? {
+            let v = v.value();
+            let min_t = i64::from_le_bytes(v[8..16].try_into().expect("8"));
+            let chunk = &v[16..];
+            let max_t = xor::decode(chunk)
+                .ok()
+                .and_then(|s| s.last().map(|x| x.0))
+                .unwrap_or(min_t);
+            if min_t <= end && max_t >= start {
+                d.chunks.push((min_t, max_t, chunk.to_vec()));
+            }
+        }
+        Ok(d)
+    }
+
+    /// Whether `sid` has any sample or histogram in `[start, end]`.
+    pub fn has_data(&self, sid: u64, start: i64, end: i64) -> anyhow::Result<bool> {
+        let d = self.series_data(sid, start, end)?;
+        if !d.histograms.is_empty() {
+            return Ok(true);
+        }
+        for (_, _, c) in &d.chunks {
+            if xor::decode(c)
+                .map_err(|e| anyhow::anyhow!("chunk of series {sid}: {e:?}"))?
+                .iter()
+                .any(|(t, _)| (start..=end).contains(t))
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Sizes of the tables, for `/metrics` and the closing numbers.
+    pub fn counts(&self) -> anyhow::Result<(u64, u64)> {
+        use redb::ReadableTableMetadata;
+        Ok((
+            self.tx.open_table(LABELS)?.len()?,
+            self.tx.open_table(CHUNKS)?.len()?,
+        ))
+    }
+}

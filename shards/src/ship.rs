@@ -1,0 +1,551 @@
+//! The shipper: one task per shard that reads durable records from the shard's WAL,
+//! sends them to the server as rkyv batches (`promgate_proto::ship`), and truncates the
+//! WAL only up to what the server acknowledged as stored.
+//!
+//! - **Resume.** Every connection starts with HELLO; the server's WELCOME names the
+//!   highest sequence number it has applied for this (agent, shard), and shipping resumes
+//!   just after it. So a restart of either side, or a lost acknowledgement, resends only
+//!   what the server does not have, and the server skips any batch it already applied.
+//! - **Stop-and-wait with adaptive batches.** One batch is in flight; everything that
+//!   became durable meanwhile goes into the next one (up to `batch_samples_max`), so
+//!   batches grow with the load and the per-batch commit cost on the server is shared.
+//! - **Series interning.** A label set is sent once per connection with a `u32`
+//!   reference; samples carry only the reference.
+//! - **Back-off.** A failed connect, an I/O error, a timeout or an error frame closes the
+//!   connection and retries after a capped, jittered exponential delay. Meanwhile the
+//!   receive path is untouched: the WAL absorbs the difference until its budget, then the
+//!   receiver answers 503 with `Retry-After`.
+
+use crate::metrics::ShardMetrics;
+use crate::wal::format::{RemoteWritePayload, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
+use crate::wal::storage::Storage;
+use crate::wal::Wal;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use promgate_proto::batch::Count;
+use promgate_proto::messages::{self, histogram as ph};
+use promgate_proto::ship::{
+    self, ArchivedAck, ArchivedShipError, ArchivedWelcome, ExemplarSample, HistogramSample, Label,
+    MetadataEntry, NewSeries, ShipBatch,
+};
+use promgate_proto::{decode, Batch, Decoded, Limits, Protocol, RejectCounts};
+use rkyv::util::AlignedVec;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct ShipConfig {
+    /// `HOST:PORT` of the server's ship listener.
+    pub server: String,
+    /// Stable id of this agent (the server's exactly-once ledger is per agent and shard).
+    pub agent_id: String,
+    /// A batch is closed once it holds this many samples (plus histograms, exemplars).
+    pub batch_samples_max: usize,
+    /// snappy-compress frame bodies.
+    pub compress: bool,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How long to wait for the server's answer to one frame before reconnecting.
+    pub reply_timeout: Duration,
+}
+
+impl Default for ShipConfig {
+    fn default() -> Self {
+        ShipConfig {
+            server: "127.0.0.1:30033".into(),
+            agent_id: String::new(),
+            batch_samples_max: 200_000,
+            compress: true,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Decoding limits for replay: the record says which series were refused at receive
+/// time, so replay itself refuses nothing on account of limits.
+const REPLAY_LIMITS: Limits = Limits {
+    labels_per_series_max: u32::MAX,
+    label_name_bytes_max: u32::MAX,
+    label_value_bytes_max: u32::MAX,
+};
+
+/// Calls `visit` with the accepted part of one WAL record's request (payload format 1):
+/// exactly what was acknowledged to the sender.
+pub fn replay_payload(payload: &[u8], visit: impl FnOnce(Decoded<'_>)) -> Result<(), String> {
+    let mut batch = Batch::default();
+    let mut raw = Vec::new();
+    replay_payload_into(payload, &mut batch, &mut raw)?;
+    visit(Decoded {
+        batch: &batch,
+        body: &raw,
+    });
+    Ok(())
+}
+
+/// [`replay_payload`] into caller-owned buffers (reused across records).
+fn replay_payload_into(payload: &[u8], batch: &mut Batch, raw: &mut Vec<u8>) -> Result<(), String> {
+    let p = RemoteWritePayload::parse(payload)?;
+    let protocol = match p.protocol {
+        1 => Protocol::V1,
+        2 => Protocol::V2,
+        other => return Err(format!("unknown protocol byte {other}")),
+    };
+    let n = snap::raw::decompress_len(p.body).map_err(|e| format!("snappy: {e}"))?;
+    raw.clear();
+    raw.resize(n, 0);
+    snap::raw::Decoder::new()
+        .decompress(p.body, raw)
+        .map_err(|e| format!("snappy: {e}"))?;
+    decode(
+        protocol,
+        raw,
+        &REPLAY_LIMITS,
+        batch,
+        &mut RejectCounts::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    let rejected: Vec<u32> = p.rejected().collect();
+    if !rejected.is_empty() {
+        batch
+            .series
+            .retain(|s| rejected.binary_search(&s.index).is_err());
+    }
+    Ok(())
+}
+
+/// A native histogram of a decoded batch as a remote_write 1.0 message.
+pub fn histogram_message(
+    d: &Decoded<'_>,
+    h: &promgate_proto::batch::Histogram,
+) -> messages::Histogram {
+    let b = d.batch;
+    let spans = |r: promgate_proto::batch::Run| {
+        b.spans[r.range()]
+            .iter()
+            .map(|s| messages::BucketSpan {
+                offset: s.offset,
+                length: s.length,
+            })
+            .collect()
+    };
+    messages::Histogram {
+        count: h.count.map(|c| match c {
+            Count::Int(n) => ph::Count::CountInt(n),
+            Count::Float(f) => ph::Count::CountFloat(f),
+        }),
+        sum: h.sum,
+        schema: h.schema,
+        zero_threshold: h.zero_threshold,
+        zero_count: h.zero_count.map(|c| match c {
+            Count::Int(n) => ph::ZeroCount::ZeroCountInt(n),
+            Count::Float(f) => ph::ZeroCount::ZeroCountFloat(f),
+        }),
+        negative_spans: spans(h.negative_spans),
+        negative_deltas: b.deltas[h.negative_deltas.range()].to_vec(),
+        negative_counts: b.floats[h.negative_counts.range()].to_vec(),
+        positive_spans: spans(h.positive_spans),
+        positive_deltas: b.deltas[h.positive_deltas.range()].to_vec(),
+        positive_counts: b.floats[h.positive_counts.range()].to_vec(),
+        reset_hint: h.reset_hint,
+        timestamp: h.timestamp_ms,
+        custom_values: b.floats[h.custom_values.range()].to_vec(),
+    }
+}
+
+fn labels_of<'a>(it: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<Label> {
+    it.map(|(n, v)| Label {
+        name: n.to_string(),
+        value: v.to_string(),
+    })
+    .collect()
+}
+
+/// Builds batches for one connection: series references live as long as it does.
+#[derive(Default)]
+pub struct BatchBuilder {
+    refs: HashMap<Vec<u8>, u32>,
+    key: Vec<u8>,
+    pub batch: ShipBatch,
+    decoded: Batch,
+    raw: Vec<u8>,
+    /// Refs first sent in the current batch (forgotten if it is not acknowledged).
+    pending_refs: Vec<Vec<u8>>,
+}
+
+impl BatchBuilder {
+    pub fn new(agent: &str, shard: u32) -> Self {
+        let mut b = BatchBuilder::default();
+        b.batch.agent = agent.to_string();
+        b.batch.shard = shard;
+        b
+    }
+
+    /// Items (samples, histograms, exemplars) in the current batch.
+    pub fn items(&self) -> usize {
+        self.batch.sample_refs.len() + self.batch.histograms.len() + self.batch.exemplars.len()
+    }
+
+    /// Starts a new batch; the references sent in the previous one stay known.
+    pub fn reset(&mut self) {
+        self.batch.clear();
+        self.batch.first_seq = 0;
+        self.batch.last_seq = 0;
+        self.pending_refs.clear();
+    }
+
+    /// Forgets the references introduced by the current batch (it was not delivered).
+    pub fn forget_pending(&mut self) {
+        for k in self.pending_refs.drain(..) {
+            self.refs.remove(&k);
+        }
+    }
+
+    fn series_ref(&mut self, d: &Decoded<'_>, labels: promgate_proto::batch::Run) -> u32 {
+        self.key.clear();
+        for (n, v) in d.labels(labels) {
+            self.key.extend_from_slice(&(n.len() as u32).to_le_bytes());
+            self.key.extend_from_slice(n.as_bytes());
+            self.key.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            self.key.extend_from_slice(v.as_bytes());
+        }
+        if let Some(r) = self.refs.get(&self.key) {
+            return *r;
+        }
+        let r = self.refs.len() as u32;
+        self.refs.insert(self.key.clone(), r);
+        self.pending_refs.push(self.key.clone());
+        self.batch.new_series.push(NewSeries {
+            series_ref: r,
+            labels: labels_of(d.labels(labels)),
+        });
+        r
+    }
+
+    /// Adds one WAL record. Returns an error (and adds nothing) if it cannot be read.
+    pub fn add_record(
+        &mut self,
+        seq: u64,
+        kind: u8,
+        format: u8,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        if self.batch.first_seq == 0 {
+            self.batch.first_seq = seq;
+        }
+        self.batch.last_seq = seq;
+        if (kind, format) != (KIND_REMOTE_WRITE, PAYLOAD_VERSION) {
+            return Err(format!("unknown record kind {kind} format {format}"));
+        }
+        let mut decoded = std::mem::take(&mut self.decoded);
+        let mut raw = std::mem::take(&mut self.raw);
+        let result = replay_payload_into(payload, &mut decoded, &mut raw).map(|()| {
+            self.add_decoded(Decoded {
+                batch: &decoded,
+                body: &raw,
+            })
+        });
+        self.decoded = decoded;
+        self.raw = raw;
+        result
+    }
+
+    fn add_decoded(&mut self, d: Decoded<'_>) {
+        for s in &d.batch.series {
+            let samples = d.samples(s);
+            let histograms = d.histograms(s);
+            let exemplars = d.exemplars(s);
+            if samples.is_empty() && histograms.is_empty() && exemplars.is_empty() {
+                continue;
+            }
+            let r = self.series_ref(&d, s.labels);
+            for x in samples {
+                self.batch.sample_refs.push(r);
+                self.batch.sample_ts.push(x.timestamp_ms);
+                self.batch.sample_values.push(x.value.to_bits());
+            }
+            for h in histograms {
+                use prost::Message;
+                self.batch.histograms.push(HistogramSample {
+                    series_ref: r,
+                    ts: h.timestamp_ms,
+                    proto: histogram_message(&d, h).encode_to_vec(),
+                });
+            }
+            for e in exemplars {
+                self.batch.exemplars.push(ExemplarSample {
+                    series_ref: r,
+                    ts: e.timestamp_ms,
+                    value_bits: e.value.to_bits(),
+                    labels: labels_of(d.labels(e.labels)),
+                });
+            }
+        }
+        for m in &d.batch.metadata {
+            self.batch.metadata.push(MetadataEntry {
+                family: d.text(m.family).to_string(),
+                kind: m.kind,
+                help: d.text(m.help).to_string(),
+                unit: d.text(m.unit).to_string(),
+            });
+        }
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum Ended {
+    Io(std::io::Error),
+    Refused(u16, String),
+    Protocol(String),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Io(e) => write!(f, "{e}"),
+            Ended::Refused(c, m) => write!(f, "server refused (code {c}): {m}"),
+            Ended::Protocol(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl From<std::io::Error> for Ended {
+    fn from(e: std::io::Error) -> Self {
+        Ended::Io(e)
+    }
+}
+
+pub struct Shipper<S: Storage> {
+    pub shard: u32,
+    pub wal: Rc<Wal<S>>,
+    pub config: ShipConfig,
+    pub metrics: Arc<Vec<ShardMetrics>>,
+}
+
+/// A small xorshift for back-off jitter (no need for a crate).
+fn jitter(state: &mut u64, d: Duration) -> Duration {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    // 50%..150% of d.
+    let f = 0.5 + (*state % 1000) as f64 / 1000.0;
+    d.mul_f64(f)
+}
+
+impl<S: Storage> Shipper<S> {
+    fn m(&self) -> &crate::metrics::ShipMetrics {
+        &self.metrics[self.shard as usize].ship
+    }
+
+    /// Runs for the life of the shard.
+    pub async fn run(self) {
+        let mut backoff = self.config.backoff_min;
+        let mut seed = (std::process::id() as u64) << 32 | u64::from(self.shard) | 1;
+        let mut announced_down = false;
+        loop {
+            let addr = match resolve(&self.config.server) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!(shard = self.shard, server = %self.config.server, error = %e, "cannot resolve the server address");
+                    glommio::timer::sleep(self.config.backoff_max).await;
+                    continue;
+                }
+            };
+            let stream =
+                glommio::net::TcpStream::connect_timeout(addr, Duration::from_secs(5)).await;
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    self.m().connect_failures.fetch_add(1, Relaxed);
+                    if !announced_down {
+                        tracing::warn!(shard = self.shard, server = %addr, error = %e, "server unreachable; the WAL keeps everything until it is back");
+                        announced_down = true;
+                    }
+                    glommio::timer::sleep(jitter(&mut seed, backoff)).await;
+                    backoff = (backoff * 2).min(self.config.backoff_max);
+                    continue;
+                }
+            };
+            self.m().connects.fetch_add(1, Relaxed);
+            self.m().connected.store(1, Relaxed);
+            let result = self.session(stream, &mut backoff).await;
+            self.m().connected.store(0, Relaxed);
+            if let Err(e) = result {
+                self.m().errors.fetch_add(1, Relaxed);
+                tracing::warn!(shard = self.shard, server = %addr, error = %e, "shipping connection ended; reconnecting");
+                announced_down = false;
+                glommio::timer::sleep(jitter(&mut seed, backoff)).await;
+                backoff = (backoff * 2).min(self.config.backoff_max);
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        mut s: glommio::net::TcpStream,
+        backoff: &mut Duration,
+    ) -> Result<(), Ended> {
+        s.set_nodelay(true)
+            .map_err(|e| Ended::Protocol(e.to_string()))?;
+        s.set_read_timeout(Some(self.config.reply_timeout))
+            .map_err(|e| Ended::Protocol(e.to_string()))?;
+        s.set_write_timeout(Some(self.config.reply_timeout))
+            .map_err(|e| Ended::Protocol(e.to_string()))?;
+        let mut out = Vec::new();
+        let mut body = AlignedVec::<16>::new();
+        ship::write_message(
+            ship::KIND_HELLO,
+            &ship::Hello {
+                agent: self.config.agent_id.clone(),
+                shard: self.shard,
+            },
+            false,
+            &mut out,
+        );
+        s.write_all(&out).await?;
+        let kind = read_frame(&mut s, &mut body).await?;
+        let applied = match kind {
+            ship::KIND_WELCOME => ship::access::<ArchivedWelcome>(&body)
+                .map_err(|e| Ended::Protocol(e.to_string()))?
+                .applied_seq
+                .to_native(),
+            k => return Err(unexpected(k, &body)),
+        };
+        tracing::info!(
+            shard = self.shard,
+            applied_seq = applied,
+            "connected to the server"
+        );
+        self.acked(applied);
+        let mut next = applied + 1;
+        let mut builder = BatchBuilder::new(&self.config.agent_id, self.shard);
+        loop {
+            // Wait for durable records at or after `next`.
+            while self.wal.durable_seq() < next {
+                self.wal.wait_commit().await;
+            }
+            builder.reset();
+            let mut records = 0u64;
+            let mut skipped = 0u64;
+            let max = self.config.batch_samples_max;
+            self.wal.replay(next, |seq, kind, format, payload| {
+                if let Err(e) = builder.add_record(seq, kind, format, payload) {
+                    skipped += 1;
+                    tracing::error!(shard = self.shard, seq, error = %e, "a WAL record cannot be read back; it is skipped");
+                }
+                records += 1;
+                builder.items() < max
+            })?;
+            if records == 0 {
+                // Everything up to `durable` was lost to a failed write: nothing to send.
+                next = self.wal.durable_seq() + 1;
+                continue;
+            }
+            self.m().skipped_records.fetch_add(skipped, Relaxed);
+            out.clear();
+            ship::write_message(
+                ship::KIND_BATCH,
+                &builder.batch,
+                self.config.compress,
+                &mut out,
+            );
+            let sent = s.write_all(&out).await;
+            let reply = match sent {
+                Ok(()) => read_frame(&mut s, &mut body).await,
+                Err(e) => Err(Ended::Io(e)),
+            };
+            let kind = match reply {
+                Ok(k) => k,
+                Err(e) => {
+                    builder.forget_pending();
+                    return Err(e);
+                }
+            };
+            if kind != ship::KIND_ACK {
+                builder.forget_pending();
+                return Err(unexpected(kind, &body));
+            }
+            let seq = ship::access::<ArchivedAck>(&body)
+                .map_err(|e| Ended::Protocol(e.to_string()))?
+                .seq
+                .to_native();
+            if seq != builder.batch.last_seq {
+                return Err(Ended::Protocol(format!(
+                    "server acknowledged {seq}, expected {}",
+                    builder.batch.last_seq
+                )));
+            }
+            let m = self.m();
+            m.batches.fetch_add(1, Relaxed);
+            m.records.fetch_add(records, Relaxed);
+            m.samples
+                .fetch_add(builder.batch.sample_refs.len() as u64, Relaxed);
+            m.histograms
+                .fetch_add(builder.batch.histograms.len() as u64, Relaxed);
+            m.exemplars
+                .fetch_add(builder.batch.exemplars.len() as u64, Relaxed);
+            m.series_sent
+                .fetch_add(builder.batch.new_series.len() as u64, Relaxed);
+            m.bytes.fetch_add(out.len() as u64, Relaxed);
+            self.acked(seq);
+            next = seq + 1;
+            *backoff = self.config.backoff_min;
+        }
+    }
+
+    /// Starts this shipper as a task on the current shard's executor.
+    pub fn spawn(self)
+    where
+        S: 'static,
+    {
+        glommio::spawn_local(self.run()).detach();
+    }
+
+    fn acked(&self, seq: u64) {
+        if seq == 0 {
+            return;
+        }
+        self.m().acked_seq.store(seq, Relaxed);
+        if let Err(e) = self.wal.ack(seq) {
+            tracing::warn!(shard = self.shard, error = %e, "could not delete acknowledged WAL segments; will retry at the next acknowledgement");
+        }
+    }
+}
+
+fn unexpected(kind: u8, body: &[u8]) -> Ended {
+    if kind == ship::KIND_ERROR {
+        match ship::access::<ArchivedShipError>(body) {
+            Ok(e) => Ended::Refused(e.code.to_native(), e.message.to_string()),
+            Err(e) => Ended::Protocol(format!("unreadable error frame: {e}")),
+        }
+    } else {
+        Ended::Protocol(format!("unexpected frame kind {kind} from the server"))
+    }
+}
+
+async fn read_frame(
+    s: &mut glommio::net::TcpStream,
+    body: &mut AlignedVec<16>,
+) -> Result<u8, Ended> {
+    let mut header = [0u8; ship::HEADER_BYTES];
+    s.read_exact(&mut header).await?;
+    let h = ship::parse_header(&header).map_err(|e| Ended::Protocol(e.to_string()))?;
+    let mut wire = vec![0u8; h.len];
+    s.read_exact(&mut wire).await?;
+    ship::open_body(&h, &wire, body).map_err(|e| Ended::Protocol(e.to_string()))?;
+    Ok(h.kind)
+}
+
+fn resolve(server: &str) -> std::io::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    server.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{server} resolves to no address"),
+        )
+    })
+}
