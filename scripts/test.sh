@@ -46,3 +46,9 @@ trap 'rm -rf "$corpus"' EXIT
 # cargo fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the one stable toolchain here use them.
 (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode "$corpus" seeds/decode -- -max_total_time="$FUZZ_SECONDS")
 echo "fuzz: no crash in ${FUZZ_SECONDS}s"
+
+step "fuzz smoke run of the ship frame and archive validation (${FUZZ_SECONDS}s)"
+ship_corpus="$(mktemp -d)"
+trap 'rm -rf "$corpus" "$ship_corpus"' EXIT
+(cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run ship_frame "$ship_corpus" seeds/ship_frame -- -max_total_time="$FUZZ_SECONDS")
+echo "fuzz: no crash in ${FUZZ_SECONDS}s"
