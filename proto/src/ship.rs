@@ -347,9 +347,14 @@ where
 pub fn access<T>(bytes: &[u8]) -> Result<&T, FrameError>
 where
     T: rkyv::Portable
-        + for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, RkyvError>>,
+        + for<'a> rkyv::bytecheck::CheckBytes<
+            rkyv::api::high::HighValidator<'a, rkyv::rancor::BoxedError>,
+        >,
 {
-    rkyv::access::<T, RkyvError>(bytes).map_err(|e| FrameError::Archive(e.to_string()))
+    // BoxedError keeps the reason in release builds too (rancor's `Error` only does in
+    // debug builds), so an error frame says what was wrong.
+    rkyv::access::<T, rkyv::rancor::BoxedError>(bytes)
+        .map_err(|e| FrameError::Archive(e.to_string()))
 }
 
 /// What bytecheck cannot see: equal column lengths, sane label sets and sequence range.

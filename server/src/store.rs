@@ -582,9 +582,19 @@ impl Store {
     }
 
     pub fn reader(&self) -> anyhow::Result<Reader> {
-        Ok(Reader {
-            tx: self.db.begin_read()?,
-        })
+        let tx = self.db.begin_read()?;
+        // The partitions that hold anything, so a query over a huge window only visits
+        // those.
+        let mut span: Option<(i64, i64)> = None;
+        for def in [CHUNKS, HISTOGRAMS] {
+            let t = tx.open_table(def)?;
+            let a = t.first()?.map(|(k, _)| k.value().0);
+            let b = t.last()?.map(|(k, _)| k.value().0);
+            if let (Some(a), Some(b)) = (a, b) {
+                span = Some(span.map_or((a, b), |(x, y)| (x.min(a), y.max(b))));
+            }
+        }
+        Ok(Reader { tx, span })
     }
 
     /// Deletes every partition that ended before `now_ms - retention`. Returns the
@@ -637,6 +647,8 @@ impl Store {
 /// A consistent snapshot for queries.
 pub struct Reader {
     tx: redb::ReadTransaction,
+    /// First and last partition with sealed chunks or histograms.
+    span: Option<(i64, i64)>,
 }
 
 impl Reader {
@@ -726,8 +738,10 @@ impl Reader {
         let mut d = SeriesData::default();
         let chunks = self.tx.open_table(CHUNKS)?;
         let hist = self.tx.open_table(HISTOGRAMS)?;
-        // A chunk lies within one partition, so only the window's partitions are read.
-        for p in partition_of(start)..=partition_of(end) {
+        // A chunk lies within one partition, so only the window's partitions are read,
+        // and of those only the ones that hold anything.
+        let (lo, hi) = self.span.unwrap_or((0, -1));
+        for p in partition_of(start).max(lo)..=partition_of(end).min(hi) {
             for row in chunks.range((p, sid, i64::MIN)..=(p, sid, i64::MAX))? {
                 let (k, v) = row?;
                 let v = v.value();

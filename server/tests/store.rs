@@ -1,0 +1,316 @@
+//! The store on its own: exactly-once by sequence number, duplicate and out-of-order
+//! samples, chunk sealing, recovery of the head after reopening, retention, and
+//! series selection with all four matcher types.
+
+use hashbrown::HashMap;
+use promgate_proto::ship::{self, ArchivedShipBatch, Label, NewSeries, ShipBatch};
+use promgate_proto::xor;
+use promgate_server::select::{select, MatchKind, Matcher};
+use promgate_server::store::{Applied, ApplyError, Store, PARTITION_MS};
+
+const DAY_MS: i64 = 86_400_000;
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<Label> {
+    pairs
+        .iter()
+        .map(|(n, v)| Label {
+            name: n.to_string(),
+            value: v.to_string(),
+        })
+        .collect()
+}
+
+/// A batch of (ref, ts, value bits) samples; `series` are introduced in it.
+fn batch(
+    first: u64,
+    last: u64,
+    series: &[(u32, &[(&str, &str)])],
+    samples: &[(u32, i64, u64)],
+) -> ShipBatch {
+    ShipBatch {
+        agent: "agent-a".into(),
+        shard: 0,
+        first_seq: first,
+        last_seq: last,
+        new_series: series
+            .iter()
+            .map(|(r, l)| NewSeries {
+                series_ref: *r,
+                labels: labels(l),
+            })
+            .collect(),
+        sample_refs: samples.iter().map(|s| s.0).collect(),
+        sample_ts: samples.iter().map(|s| s.1).collect(),
+        sample_values: samples.iter().map(|s| s.2).collect(),
+        ..Default::default()
+    }
+}
+
+fn apply(
+    store: &Store,
+    b: &ShipBatch,
+    refs: &mut HashMap<u32, u64>,
+) -> Result<Applied, ApplyError> {
+    let bytes = ship::archive(b);
+    let a = ship::access::<ArchivedShipBatch>(&bytes).unwrap();
+    ship::check_batch(a).unwrap();
+    store.apply(a, refs)
+}
+
+/// Every stored (t, bits) of the series with these labels, in order.
+fn read(store: &Store, name: &str) -> Vec<(i64, u64)> {
+    let r = store.reader().unwrap();
+    let m = [Matcher::new(MatchKind::Equal, "__name__", name).unwrap()];
+    let found = select(&r, &m).unwrap();
+    assert!(found.len() <= 1);
+    let Some((sid, _)) = found.first() else {
+        return Vec::new();
+    };
+    let d = r.series_data(*sid, i64::MIN / 2, i64::MAX / 2).unwrap();
+    let mut out = Vec::new();
+    let mut last = i64::MIN;
+    for (min_t, max_t, c) in d.chunks {
+        let s = xor::decode(&c).unwrap();
+        assert_eq!(s.first().unwrap().0, min_t, "chunk min_t");
+        assert_eq!(s.last().unwrap().0, max_t, "chunk max_t");
+        for (t, v) in s {
+            assert!(t > last, "samples out of order or repeated at {t}");
+            last = t;
+            out.push((t, v.to_bits()));
+        }
+    }
+    out
+}
+
+const UP: &[(&str, &str)] = &[("__name__", "up"), ("job", "node")];
+const STALE: u64 = 0x7ff0_0000_0000_0002;
+
+#[test]
+fn a_replayed_batch_is_skipped_and_overlaps_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    let mut refs = HashMap::new();
+    let b1 = batch(
+        1,
+        3,
+        &[(0, UP)],
+        &[(0, 1000, 1f64.to_bits()), (0, 2000, STALE)],
+    );
+    assert_eq!(
+        apply(&store, &b1, &mut refs).unwrap(),
+        Applied::Stored { samples: 2 }
+    );
+    assert_eq!(store.applied_seq("agent-a", 0), 3);
+    // The same batch again (the ack was lost): nothing is stored twice.
+    let mut refs2 = HashMap::new();
+    assert_eq!(apply(&store, &b1, &mut refs2).unwrap(), Applied::Replay);
+    assert_eq!(
+        read(&store, "up"),
+        vec![(1000, 1f64.to_bits()), (2000, STALE)]
+    );
+    // A replay still interns its series for the batches that follow on its connection.
+    let b2 = batch(4, 4, &[], &[(0, 3000, 2f64.to_bits())]);
+    apply(&store, &b2, &mut refs2).unwrap();
+    assert_eq!(read(&store, "up").len(), 3);
+    // A batch that straddles the applied sequence is a protocol error, not a partial apply.
+    let b3 = batch(4, 6, &[], &[(0, 4000, 0)]);
+    assert!(matches!(
+        apply(&store, &b3, &mut refs2),
+        Err(ApplyError::Sequence(_))
+    ));
+    assert_eq!(read(&store, "up").len(), 3);
+    // Another shard of the same agent has its own ledger.
+    let mut b4 = batch(1, 1, &[(7, UP)], &[(7, 5000, 5f64.to_bits())]);
+    b4.shard = 1;
+    apply(&store, &b4, &mut HashMap::new()).unwrap();
+    assert_eq!(store.applied_seq("agent-a", 1), 1);
+    assert_eq!(read(&store, "up").last(), Some(&(5000, 5f64.to_bits())));
+}
+
+#[test]
+fn duplicates_and_out_of_order_samples_are_counted_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    let mut refs = HashMap::new();
+    let b = batch(
+        1,
+        1,
+        &[(0, UP)],
+        &[
+            (0, 1000, 1f64.to_bits()),
+            (0, 2000, 2f64.to_bits()),
+            (0, 2000, 2f64.to_bits()), // resend: same timestamp, same bits
+            (0, 2000, 9f64.to_bits()), // conflicting value at a stored timestamp
+            (0, 1500, 3f64.to_bits()), // older than the newest
+            (0, 3000, 3f64.to_bits()),
+        ],
+    );
+    assert_eq!(
+        apply(&store, &b, &mut refs).unwrap(),
+        Applied::Stored { samples: 3 }
+    );
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(store.metrics.samples_duplicate.load(Relaxed), 1);
+    assert_eq!(store.metrics.samples_out_of_order.load(Relaxed), 2);
+    assert_eq!(
+        read(&store, "up"),
+        vec![
+            (1000, 1f64.to_bits()),
+            (2000, 2f64.to_bits()),
+            (3000, 3f64.to_bits())
+        ]
+    );
+    // An unknown reference fails the whole batch and stores nothing of it.
+    let bad = batch(2, 2, &[], &[(0, 4000, 0), (42, 4000, 0)]);
+    assert!(matches!(
+        apply(&store, &bad, &mut refs),
+        Err(ApplyError::Batch(_))
+    ));
+    assert_eq!(read(&store, "up").len(), 3);
+    assert_eq!(store.applied_seq("agent-a", 0), 1);
+}
+
+#[test]
+fn chunks_seal_at_120_samples_and_partition_edges_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut want: Vec<(i64, u64)>;
+    {
+        let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+        let mut refs = HashMap::new();
+        let base = 100 * PARTITION_MS;
+        // 300 samples 15 s apart, starting 50 samples before a partition edge: the edge
+        // cuts one chunk, and the 120-sample limit cuts two more after it.
+        let start = base - 50 * 15_000;
+        let samples: Vec<(u32, i64, u64)> = (0..300)
+            .map(|i| (0, start + i * 15_000, (i as f64 * 0.5).to_bits()))
+            .collect();
+        want = samples.iter().map(|s| (s.1, s.2)).collect();
+        for (n, part) in samples.chunks(70).enumerate() {
+            let seq = n as u64 + 1;
+            let intro: &[(u32, &[(&str, &str)])] = if n == 0 { &[(0, UP)] } else { &[] };
+            apply(&store, &batch(seq, seq, intro, part), &mut refs).unwrap();
+        }
+        assert_eq!(read(&store, "up"), want);
+        let r = store.reader().unwrap();
+        let sid = select(
+            &r,
+            &[Matcher::new(MatchKind::Equal, "job", "node").unwrap()],
+        )
+        .unwrap()[0]
+            .0;
+        let d = r.series_data(sid, i64::MIN / 2, i64::MAX / 2).unwrap();
+        // 50 before the edge, then 120 + 120 + 10 after it.
+        let sizes: Vec<usize> = d
+            .chunks
+            .iter()
+            .map(|c| xor::decode(&c.2).unwrap().len())
+            .collect();
+        assert_eq!(sizes, vec![50, 120, 120, 10]);
+    }
+    // Reopen (as after a crash: the head comes back from disk) and keep appending.
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    assert_eq!(store.applied_seq("agent-a", 0), 5);
+    assert_eq!(read(&store, "up"), want);
+    let t = want.last().unwrap().0 + 15_000;
+    let mut refs = HashMap::new();
+    apply(
+        &store,
+        &batch(6, 6, &[(3, UP)], &[(3, t, STALE)]),
+        &mut refs,
+    )
+    .unwrap();
+    want.push((t, STALE));
+    assert_eq!(read(&store, "up"), want);
+}
+
+#[test]
+fn retention_deletes_whole_old_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), DAY_MS).unwrap();
+    let mut refs = HashMap::new();
+    let now = 1_000 * PARTITION_MS;
+    let old = now - 3 * DAY_MS;
+    let recent = now - 3_600_000;
+    apply(
+        &store,
+        &batch(
+            1,
+            1,
+            &[(0, UP), (1, &[("__name__", "old_only")])],
+            &[
+                (0, old, 1f64.to_bits()),
+                (0, recent, 2f64.to_bits()),
+                (1, old, 3f64.to_bits()),
+            ],
+        ),
+        &mut refs,
+    )
+    .unwrap();
+    assert!(store.apply_retention(now).unwrap() >= 1);
+    assert_eq!(read(&store, "up"), vec![(recent, 2f64.to_bits())]);
+    assert_eq!(read(&store, "old_only"), vec![]);
+}
+
+#[test]
+fn selection_supports_all_matcher_types_and_sorts_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    let mut refs = HashMap::new();
+    let series: Vec<(u32, &[(&str, &str)])> = vec![
+        (0, &[("__name__", "m"), ("job", "b")]),
+        (1, &[("__name__", "m"), ("job", "a")]),
+        (2, &[("__name__", "m"), ("job", "ab")]),
+        (3, &[("__name__", "m")]),
+        (4, &[("__name__", "n"), ("job", "a")]),
+    ];
+    let samples: Vec<(u32, i64, u64)> = (0..5).map(|r| (r, 1000, 0)).collect();
+    apply(&store, &batch(1, 1, &series, &samples), &mut refs).unwrap();
+    let r = store.reader().unwrap();
+    let jobs = |ms: &[(MatchKind, &str, &str)]| -> Vec<String> {
+        let ms: Vec<Matcher> = ms
+            .iter()
+            .map(|(k, n, v)| Matcher::new(*k, n, v).unwrap())
+            .collect();
+        select(&r, &ms)
+            .unwrap()
+            .into_iter()
+            .map(|(_, l)| {
+                l.iter()
+                    .map(|(n, v)| format!("{n}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect()
+    };
+    use MatchKind::*;
+    assert_eq!(
+        jobs(&[(Equal, "__name__", "m")]),
+        vec![
+            "__name__=m",
+            "__name__=m,job=a",
+            "__name__=m,job=ab",
+            "__name__=m,job=b"
+        ]
+    );
+    assert_eq!(
+        jobs(&[(Equal, "__name__", "m"), (Regex, "job", "a")]),
+        vec!["__name__=m,job=a"],
+        "regex must be anchored"
+    );
+    assert_eq!(
+        jobs(&[(Equal, "__name__", "m"), (NotRegex, "job", "a.*")]),
+        vec!["__name__=m", "__name__=m,job=b"]
+    );
+    assert_eq!(
+        jobs(&[(NotEqual, "job", "a"), (Regex, "__name__", "m|n")]),
+        vec!["__name__=m", "__name__=m,job=ab", "__name__=m,job=b"]
+    );
+    assert_eq!(
+        jobs(&[(Equal, "job", ""), (Regex, "__name__", ".+")]),
+        vec!["__name__=m"]
+    );
+    assert_eq!(
+        jobs(&[(Equal, "job", "a")]),
+        vec!["__name__=m,job=a", "__name__=n,job=a"]
+    );
+}
