@@ -15,6 +15,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
+/// Ship to an address where nothing listens: these tests look at the WAL itself, so
+/// nothing may be shipped and truncated away under them.
+const UNSHIPPED: &str = "127.0.0.1:9";
 
 fn loadtest_binary() -> PathBuf {
     let p = Path::new(env!("CARGO_BIN_EXE_promgate")).with_file_name("promgate-loadtest");
@@ -91,7 +94,7 @@ fn sigkill_mid_stream_loses_no_acknowledged_sample() {
     let dir = temp_dir("wal-crash");
     let data = dir.join("data");
     let port = free_port();
-    let mut agent = Agent::start_in(&dir, &data, port, &["--shards", "2"]);
+    let mut agent = Agent::start_in(&dir, &data, port, &["--shards", "2", "--server", UNSHIPPED]);
     let acks = dir.join("acks.log");
     let mut load = Command::new(loadtest_binary())
         .args([
@@ -126,7 +129,7 @@ fn sigkill_mid_stream_loses_no_acknowledged_sample() {
     agent.child.kill().unwrap();
     agent.child.wait().unwrap();
     // Restart on the same data: recovery, then the harness reconnects and goes on.
-    let agent = Agent::start_in(&dir, &data, port, &["--shards", "2"]);
+    let agent = Agent::start_in(&dir, &data, port, &["--shards", "2", "--server", UNSHIPPED]);
     let recovered = metric_sum(
         &agent.metrics(),
         "promgate_agent_wal_recovered_records_total",
@@ -210,6 +213,8 @@ fn disk_budget_answers_503_with_retry_after_and_keeps_everything() {
         "262144",
         "--wal-segment-bytes",
         "65536",
+        "--server",
+        UNSHIPPED,
     ];
     let agent = Agent::start_in(&dir, &data, port, &small);
     let mut client = Client::connect(port).unwrap();
@@ -244,7 +249,14 @@ fn disk_budget_answers_503_with_retry_after_and_keeps_everything() {
         &dir,
         &data,
         port,
-        &["--shards", "1", "--wal-max-bytes", "1048576"],
+        &[
+            "--shards",
+            "1",
+            "--wal-max-bytes",
+            "1048576",
+            "--server",
+            UNSHIPPED,
+        ],
     );
     let mut client = Client::connect(port).unwrap();
     send_accepted(&mut client, round, &mut acked);
@@ -291,7 +303,14 @@ fn full_disk_answers_503_and_recovers_when_space_returns() {
         &dir,
         &data,
         port,
-        &["--shards", "1", "--config", config.to_str().unwrap()],
+        &[
+            "--shards",
+            "1",
+            "--config",
+            config.to_str().unwrap(),
+            "--server",
+            UNSHIPPED,
+        ],
     );
     let mut client = Client::connect(port).unwrap();
     let (mut acked, refused, round) = fill_until_refused(&mut client, 0, 200);

@@ -64,6 +64,8 @@ pub struct Agent {
     pub child: Child,
     pub port: u16,
     pub log: PathBuf,
+    /// The embedded server's query port (0 when the agent ships elsewhere).
+    pub query_port: u16,
 }
 
 impl Agent {
@@ -74,17 +76,33 @@ impl Agent {
 
     /// Starts an agent on a given data directory and port (also to restart one);
     /// its log is appended to `dir/agent.log`.
+    /// Without `--server` in `extra`, the agent runs its server in-process on free
+    /// loopback ports (`query_port`).
     pub fn start_in(dir: &Path, data_dir: &Path, port: u16, extra: &[&str]) -> Agent {
         let log = dir.join("agent.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_promgate"))
-            .args([
-                "agent",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .args(extra)
+        let query_port = if extra.contains(&"--server") {
+            0
+        } else {
+            free_port()
+        };
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_promgate"));
+        cmd.args([
+            "agent",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(extra);
+        if query_port != 0 {
+            cmd.args([
+                "--server-listen",
+                &format!("127.0.0.1:{}", free_port()),
+                "--query-listen",
+                &format!("127.0.0.1:{query_port}"),
+            ]);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -95,27 +113,14 @@ impl Agent {
             )
             .spawn()
             .expect("start promgate agent");
-        let agent = Agent { child, port, log };
-        agent.wait_ready();
+        let agent = Agent {
+            child,
+            port,
+            log,
+            query_port,
+        };
+        wait_ready(agent.port, &agent.log, "agent");
         agent
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(mut c) = Client::connect(self.port) {
-                if let Ok(r) = c.request("GET", "/-/ready", &[], b"") {
-                    if r.status == 200 {
-                        return;
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "agent did not become ready; log:\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
     }
 
     pub fn metrics(&self) -> String {
@@ -129,6 +134,212 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn wait_ready(port: u16, log: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(mut c) = Client::connect(port) {
+            if let Ok(r) = c.request("GET", "/-/ready", &[], b"") {
+                if r.status == 200 {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "{what} did not become ready; log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// A running `promgate server`; killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub ship_port: u16,
+    pub query_port: u16,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts `promgate server` on the given ports and data directory; its log is
+    /// appended to `dir/server.log`.
+    pub fn start_in(
+        dir: &Path,
+        data_dir: &Path,
+        ship_port: u16,
+        query_port: u16,
+        extra: &[&str],
+    ) -> Server {
+        let log = dir.join("server.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_promgate"))
+            .args([
+                "server",
+                "--listen",
+                &format!("127.0.0.1:{ship_port}"),
+                "--query-listen",
+                &format!("127.0.0.1:{query_port}"),
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .expect("start promgate server");
+        let server = Server {
+            child,
+            ship_port,
+            query_port,
+            log,
+        };
+        wait_ready(query_port, &server.log, "server");
+        server
+    }
+
+    pub fn metrics(&self) -> String {
+        let mut c = Client::connect(self.query_port).unwrap();
+        String::from_utf8(c.request("GET", "/metrics", &[], b"").unwrap().body).unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One series as remote_read returned it: sorted labels, (t, value bits), histograms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadSeries {
+    pub labels: Vec<(String, String)>,
+    pub samples: Vec<(i64, u64)>,
+    pub histograms: usize,
+}
+
+pub fn read_request(
+    queries: Vec<promgate_proto::messages::read::Query>,
+    accepted: &[i32],
+) -> Vec<u8> {
+    use prost::Message;
+    let req = promgate_proto::messages::read::ReadRequest {
+        queries,
+        accepted_response_types: accepted.to_vec(),
+    };
+    snap::raw::Encoder::new()
+        .compress_vec(&req.encode_to_vec())
+        .unwrap()
+}
+
+pub fn query(
+    start: i64,
+    end: i64,
+    matchers: &[(i32, &str, &str)],
+) -> promgate_proto::messages::read::Query {
+    promgate_proto::messages::read::Query {
+        start_timestamp_ms: start,
+        end_timestamp_ms: end,
+        matchers: matchers
+            .iter()
+            .map(|(t, n, v)| promgate_proto::messages::read::LabelMatcher {
+                r#type: *t,
+                name: n.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+        hints: None,
+    }
+}
+
+/// POSTs a remote_read request; returns the raw response.
+pub fn remote_read_raw(port: u16, body: &[u8]) -> Response {
+    let mut c = Client::connect(port).unwrap();
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    c.request(
+        "POST",
+        "/api/v1/prom/read",
+        &[
+            ("Content-Type", "application/x-protobuf"),
+            ("Content-Encoding", "snappy"),
+            ("X-Prometheus-Remote-Read-Version", "0.1.0"),
+        ],
+        body,
+    )
+    .unwrap()
+}
+
+/// Decodes a remote_read answer of either type into one list of series per query;
+/// chunked answers are checked frame by frame (length, CRC-32C) and chunk by chunk.
+pub fn decode_read(r: &Response, queries: usize) -> Vec<Vec<ReadSeries>> {
+    use promgate_proto::messages::read::{ChunkedReadResponse, ReadResponse};
+    use prost::Message;
+    assert_eq!(r.status, 200, "remote_read failed: {}", r.text());
+    let ct = r.header("Content-Type").unwrap_or("");
+    let mut out: Vec<Vec<ReadSeries>> = vec![Vec::new(); queries];
+    if ct.starts_with("application/x-streamed-protobuf") {
+        let mut b = r.body.as_slice();
+        while !b.is_empty() {
+            let (mut len, mut shift, mut i) = (0u64, 0, 0);
+            loop {
+                let x = b[i];
+                len |= u64::from(x & 0x7f) << shift;
+                shift += 7;
+                i += 1;
+                if x < 0x80 {
+                    break;
+                }
+            }
+            let crc = u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
+            let msg = &b[i + 4..i + 4 + len as usize];
+            assert_eq!(crc32c::crc32c(msg), crc, "frame CRC");
+            let m = ChunkedReadResponse::decode(msg).unwrap();
+            for cs in m.chunked_series {
+                let mut samples = Vec::new();
+                for c in cs.chunks {
+                    assert_eq!(c.r#type, 1, "XOR chunk");
+                    let s = promgate_proto::xor::decode(&c.data).unwrap();
+                    assert_eq!(s.first().unwrap().0, c.min_time_ms);
+                    assert_eq!(s.last().unwrap().0, c.max_time_ms);
+                    samples.extend(s.into_iter().map(|(t, v)| (t, v.to_bits())));
+                }
+                out[m.query_index as usize].push(ReadSeries {
+                    labels: cs.labels.into_iter().map(|l| (l.name, l.value)).collect(),
+                    samples,
+                    histograms: 0,
+                });
+            }
+            b = &b[i + 4 + len as usize..];
+        }
+    } else {
+        assert_eq!(ct, "application/x-protobuf");
+        let raw = snap::raw::Decoder::new().decompress_vec(&r.body).unwrap();
+        let resp = ReadResponse::decode(raw.as_slice()).unwrap();
+        assert_eq!(resp.results.len(), queries);
+        for (q, res) in resp.results.into_iter().enumerate() {
+            for ts in res.timeseries {
+                out[q].push(ReadSeries {
+                    labels: ts.labels.into_iter().map(|l| (l.name, l.value)).collect(),
+                    samples: ts
+                        .samples
+                        .iter()
+                        .map(|s| (s.timestamp, s.value.to_bits()))
+                        .collect(),
+                    histograms: ts.histograms.len(),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Sums a metric over all its series (all shards and labels) in a text exposition.
