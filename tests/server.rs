@@ -5,69 +5,14 @@
 mod common;
 
 use common::{
-    decode_read, free_port, metric_sum, query, read_request, remote_read_raw, temp_dir, Agent,
-    Client, ReadSeries,
+    acked_keys, by_key, decode_read, free_port, loadtest_binary, metric_sum, query, read_request,
+    remote_read_raw, temp_dir, wait_shipped, Agent, Client, Key, ReadSeries,
 };
-use promgate_loadtest::{replay_ack_log, AckedSample};
+use promgate_loadtest::replay_ack_log;
 use promgate_proto::messages::read::{
     MATCH_EQ, MATCH_NEQ, MATCH_NRE, MATCH_RE, RESPONSE_SAMPLES, RESPONSE_STREAMED_XOR_CHUNKS,
 };
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-pub fn loadtest_binary() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_promgate")).with_file_name("promgate-loadtest");
-    assert!(
-        p.exists(),
-        "{} is missing: cargo build --release -p promgate-loadtest",
-        p.display()
-    );
-    p
-}
-
-/// Waits until every record the agent's WAL took has been acknowledged by the server.
-fn wait_shipped(agent: &Agent) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let m = agent.metrics();
-        let written = metric_sum(&m, "promgate_agent_wal_appended_records_total");
-        let shipped = metric_sum(&m, "promgate_agent_ship_records_total");
-        if written > 0.0 && shipped >= written {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "shipping did not catch up: {shipped} of {written} records"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-type Key = (Vec<(String, String)>, i64);
-
-fn by_key(series: &[ReadSeries]) -> HashMap<Key, u64> {
-    let mut out = HashMap::new();
-    for s in series {
-        for (t, bits) in &s.samples {
-            let dup = out.insert((s.labels.clone(), *t), *bits);
-            assert!(dup.is_none(), "{:?} has two samples at {t}", s.labels);
-        }
-    }
-    out
-}
-
-fn acked_keys(acked: &[AckedSample]) -> HashMap<Key, u64> {
-    acked
-        .iter()
-        .map(|s| {
-            let mut labels: Vec<(String, String)> = s.labels.clone();
-            labels.sort();
-            ((labels, s.timestamp_ms), s.value.to_bits())
-        })
-        .collect()
-}
 
 #[test]
 fn acknowledged_samples_come_back_through_remote_read_in_both_response_types() {
@@ -101,7 +46,7 @@ fn acknowledged_samples_come_back_through_remote_read_in_both_response_types() {
             "--duration",
             "30",
             "--start-ms",
-            "1700000000000",
+            &common::recent_ms().to_string(),
         ])
         .arg("--ack-log")
         .arg(&acks)

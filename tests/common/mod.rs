@@ -523,3 +523,64 @@ pub const V2: &[(&str, &str)] = &[
     ("Content-Encoding", "snappy"),
     ("X-Prometheus-Remote-Write-Version", "2.0.0"),
 ];
+
+pub fn loadtest_binary() -> std::path::PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_promgate")).with_file_name("promgate-loadtest");
+    assert!(
+        p.exists(),
+        "{} is missing: cargo build --release -p promgate-loadtest",
+        p.display()
+    );
+    p
+}
+
+/// Waits until every record the agent's WAL took has been acknowledged by the server.
+pub fn wait_shipped(agent: &Agent) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = agent.metrics();
+        let written = metric_sum(&m, "promgate_agent_wal_appended_records_total");
+        let shipped = metric_sum(&m, "promgate_agent_ship_records_total");
+        if written > 0.0 && shipped >= written {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "shipping did not catch up: {shipped} of {written} records"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub type Key = (Vec<(String, String)>, i64);
+
+pub fn by_key(series: &[ReadSeries]) -> std::collections::HashMap<Key, u64> {
+    let mut out = std::collections::HashMap::new();
+    for s in series {
+        for (t, bits) in &s.samples {
+            let dup = out.insert((s.labels.clone(), *t), *bits);
+            assert!(dup.is_none(), "{:?} has two samples at {t}", s.labels);
+        }
+    }
+    out
+}
+
+pub fn acked_keys(acked: &[promgate_loadtest::AckedSample]) -> std::collections::HashMap<Key, u64> {
+    acked
+        .iter()
+        .map(|s| {
+            let mut labels: Vec<(String, String)> = s.labels.clone();
+            labels.sort();
+            ((labels, s.timestamp_ms), s.value.to_bits())
+        })
+        .collect()
+}
+
+/// Ten minutes ago in ms: a load start well inside the server's retention.
+pub fn recent_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 600_000
+}
