@@ -225,7 +225,7 @@ fn acknowledged_samples_come_back_through_remote_read_in_both_response_types() {
     let series = c
         .request(
             "GET",
-            &format!("/api/v1/series?match[]={}", enc(&format!("{name}"))),
+            &format!("/api/v1/series?match[]={}", enc(&name)),
             &[],
             b"",
         )
