@@ -34,8 +34,10 @@ cargo test --release --workspace
 if command -v systemd-analyze >/dev/null; then
   step "systemd unit verifies"
   unit_dir="$(mktemp -d)"
-  sed "s|/usr/bin/promgate|$PWD/target/release/promgate|g" systemd/promgate-agent.service >"$unit_dir/promgate-agent.service"
-  systemd-analyze verify "$unit_dir/promgate-agent.service"
+  for unit in promgate-agent promgate-server; do
+    sed "s|/usr/bin/promgate|$PWD/target/release/promgate|g" "systemd/$unit.service" >"$unit_dir/$unit.service"
+    systemd-analyze verify "$unit_dir/$unit.service"
+  done
   rm -rf "$unit_dir"
 fi
 

@@ -266,3 +266,36 @@ fn r_count(series: &[ReadSeries], name: &str) -> usize {
         .filter(|s| s.labels.iter().any(|l| l.0 == "__name__" && l.1 == name))
         .count()
 }
+
+#[test]
+fn server_check_config_accepts_the_shipped_file_and_names_bad_keys() {
+    let run = |file: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_promgate"))
+            .args(["server", "--check-config", "--config"])
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&common::repo_root().join("config/server.toml"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let dir = temp_dir("server-badconfig");
+    for (text, names) in [
+        ("[server]\nretention = \"15 days\"\n", "server.retention"),
+        (
+            "[server]\nquery_listen = \"nowhere\"\n",
+            "server.query_listen",
+        ),
+        ("[server]\nretentoin = \"1d\"\n", "retentoin"),
+    ] {
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, text).unwrap();
+        let out = run(&bad);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(names), "{text}: {err}");
+    }
+}
