@@ -12,6 +12,7 @@ use promgate_loadtest::replay_ack_log;
 use promgate_proto::messages::read::{
     MATCH_EQ, MATCH_NEQ, MATCH_NRE, MATCH_RE, RESPONSE_SAMPLES, RESPONSE_STREAMED_XOR_CHUNKS,
 };
+use promgate_proto::ship;
 use std::process::{Command, Stdio};
 
 #[test]
@@ -298,4 +299,240 @@ fn server_check_config_accepts_the_shipped_file_and_names_bad_keys() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(names), "{text}: {err}");
     }
+}
+
+#[test]
+fn native_histograms_exemplars_and_metadata_are_stored_and_read_back() {
+    use prost::Message;
+    let agent = Agent::start("server-histograms", &["--shards", "1"]);
+    let mut c = Client::connect(agent.port).unwrap();
+    let v1 = common::golden("v1_histograms_exemplars.bin");
+    let r = c.request("POST", "/api/v1/write", common::V1, &v1).unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = c
+        .request(
+            "POST",
+            "/api/v1/write",
+            common::V2,
+            &common::golden("v2_basic.bin"),
+        )
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+    wait_shipped(&agent);
+    let q = agent.query_port;
+
+    // What Prometheus sent, decoded by the reference (prost) decoder.
+    let raw = snap::raw::Decoder::new().decompress_vec(&v1).unwrap();
+    let sent = promgate_proto::messages::v1::WriteRequest::decode(raw.as_slice()).unwrap();
+    let sent_h = &sent
+        .timeseries
+        .iter()
+        .find(|t| t.labels.iter().any(|l| l.value == "rpc_latency_seconds"))
+        .unwrap()
+        .histograms;
+    assert_eq!(sent_h.len(), 3);
+
+    let hq = || query(0, 1_800_000_000_000, &[(MATCH_RE, "__name__", "rpc_.*")]);
+    let samples = remote_read_raw(q, &read_request(vec![hq()], &[RESPONSE_SAMPLES]));
+    let raw = snap::raw::Decoder::new()
+        .decompress_vec(&samples.body)
+        .unwrap();
+    let resp = promgate_proto::messages::read::ReadResponse::decode(raw.as_slice()).unwrap();
+    let series = &resp.results[0].timeseries;
+    assert_eq!(series.len(), 2, "rpc_latency_seconds and rpc_seconds");
+    assert_eq!(
+        &series[0].histograms, sent_h,
+        "histograms differ from what was sent"
+    );
+    assert_eq!(series[1].histograms.len(), 2);
+
+    // Chunks are asked for first, but histograms cannot be chunked yet: SAMPLES instead,
+    // never a silent omission.
+    let r = remote_read_raw(
+        q,
+        &read_request(
+            vec![hq()],
+            &[RESPONSE_STREAMED_XOR_CHUNKS, RESPONSE_SAMPLES],
+        ),
+    );
+    assert_eq!(r.header("Content-Type"), Some("application/x-protobuf"));
+    assert_eq!(
+        decode_read(&r, 1)[0]
+            .iter()
+            .map(|s| s.histograms)
+            .sum::<usize>(),
+        5
+    );
+    let r = remote_read_raw(
+        q,
+        &read_request(vec![hq()], &[RESPONSE_STREAMED_XOR_CHUNKS]),
+    );
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("histograms"), "{}", r.text());
+
+    let m = String::from_utf8(
+        Client::connect(q)
+            .unwrap()
+            .request("GET", "/metrics", &[], b"")
+            .unwrap()
+            .body,
+    )
+    .unwrap();
+    assert_eq!(
+        metric_sum(&m, "promgate_server_histograms_stored_total"),
+        5.0
+    );
+    assert_eq!(
+        metric_sum(&m, "promgate_server_exemplars_stored_total"),
+        4.0
+    );
+    assert!(metric_sum(&m, "promgate_server_metadata_stored_total") >= 2.0);
+    // The float samples of both requests are there too, staleness marker included.
+    let floats = decode_read(
+        &remote_read_raw(
+            q,
+            &read_request(
+                vec![query(
+                    0,
+                    1_800_000_000_000,
+                    &[(MATCH_RE, "__name__", ".*_total")],
+                )],
+                &[],
+            ),
+        ),
+        1,
+    );
+    let all: Vec<(i64, u64)> = floats[0].iter().flat_map(|s| s.samples.clone()).collect();
+    assert!(
+        all.contains(&(1_700_000_015_000, 0x7ff0_0000_0000_0002)),
+        "{all:?}"
+    );
+    assert!(
+        all.contains(&(1_700_000_000_000, 42f64.to_bits())),
+        "{all:?}"
+    );
+}
+
+/// Reads one frame from the server: (kind, archive bytes).
+fn read_frame(s: &mut std::net::TcpStream) -> (u8, rkyv::util::AlignedVec) {
+    use std::io::Read;
+    let mut h = [0u8; ship::HEADER_BYTES];
+    s.read_exact(&mut h).unwrap();
+    let h = ship::parse_header(&h).unwrap();
+    let mut wire = vec![0u8; h.len];
+    s.read_exact(&mut wire).unwrap();
+    let mut body = rkyv::util::AlignedVec::new();
+    ship::open_body(&h, &wire, &mut body).unwrap();
+    (h.kind, body)
+}
+
+fn error_code(s: &mut std::net::TcpStream) -> (u16, String) {
+    let (kind, body) = read_frame(s);
+    assert_eq!(kind, ship::KIND_ERROR);
+    let e = ship::access::<ship::ArchivedShipError>(&body).unwrap();
+    (e.code.to_native(), e.message.to_string())
+}
+
+#[test]
+fn the_server_answers_bad_frames_with_error_frames_and_keeps_serving() {
+    use std::io::Write;
+    let dir = temp_dir("server-frames");
+    let (ship_port, qport) = (free_port(), free_port());
+    let _server = common::Server::start_in(&dir, &dir.join("data"), ship_port, qport, &[]);
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", ship_port)).unwrap();
+    let hello = |out: &mut Vec<u8>| {
+        ship::write_message(
+            ship::KIND_HELLO,
+            &ship::Hello {
+                agent: "t".into(),
+                shard: 0,
+            },
+            false,
+            out,
+        )
+    };
+
+    // A frame version this server does not speak.
+    let mut out = Vec::new();
+    hello(&mut out);
+    out[4] = 9;
+    let mut s = connect();
+    s.write_all(&out).unwrap();
+    let (code, msg) = error_code(&mut s);
+    assert_eq!(code, ship::code::UNSUPPORTED_VERSION, "{msg}");
+
+    // A batch before HELLO.
+    let batch = ship::ShipBatch {
+        agent: "t".into(),
+        first_seq: 1,
+        last_seq: 1,
+        new_series: vec![ship::NewSeries {
+            series_ref: 0,
+            labels: vec![ship::Label {
+                name: "__name__".into(),
+                value: "x".into(),
+            }],
+        }],
+        sample_refs: vec![0],
+        sample_ts: vec![common::recent_ms()],
+        sample_values: vec![1f64.to_bits()],
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    ship::write_message(ship::KIND_BATCH, &batch, true, &mut out);
+    let mut s = connect();
+    s.write_all(&out).unwrap();
+    assert_eq!(error_code(&mut s).0, ship::code::UNEXPECTED);
+
+    // Garbage behind a correct CRC: only archive validation can catch it.
+    let mut out = Vec::new();
+    hello(&mut out);
+    ship::write_frame(ship::KIND_BATCH, &[0xa5; 200], false, &mut out);
+    let mut s = connect();
+    s.write_all(&out).unwrap();
+    assert_eq!(read_frame(&mut s).0, ship::KIND_WELCOME);
+    let (code, msg) = error_code(&mut s);
+    assert_eq!(code, ship::code::BAD_ARCHIVE, "{msg}");
+
+    // A body whose CRC does not match.
+    let mut out = Vec::new();
+    hello(&mut out);
+    let start = out.len();
+    ship::write_message(ship::KIND_BATCH, &batch, false, &mut out);
+    let last = out.len() - 1;
+    out[last] ^= 0xff;
+    assert!(out.len() > start);
+    let mut s = connect();
+    s.write_all(&out).unwrap();
+    assert_eq!(read_frame(&mut s).0, ship::KIND_WELCOME);
+    assert_eq!(error_code(&mut s).0, ship::code::BAD_FRAME);
+
+    // And a good conversation still works: WELCOME at 0, ACK, then WELCOME at 1.
+    let mut out = Vec::new();
+    hello(&mut out);
+    ship::write_message(ship::KIND_BATCH, &batch, true, &mut out);
+    let mut s = connect();
+    s.write_all(&out).unwrap();
+    let (k, w) = read_frame(&mut s);
+    assert_eq!(k, ship::KIND_WELCOME);
+    assert_eq!(
+        ship::access::<ship::ArchivedWelcome>(&w)
+            .unwrap()
+            .applied_seq,
+        0
+    );
+    let (k, a) = read_frame(&mut s);
+    assert_eq!(k, ship::KIND_ACK);
+    assert_eq!(ship::access::<ship::ArchivedAck>(&a).unwrap().seq, 1);
+    let mut out = Vec::new();
+    hello(&mut out);
+    let mut s = connect();
+    s.write_all(&out).unwrap();
+    let (_, w) = read_frame(&mut s);
+    assert_eq!(
+        ship::access::<ship::ArchivedWelcome>(&w)
+            .unwrap()
+            .applied_seq,
+        1
+    );
 }
