@@ -56,6 +56,7 @@ pub struct ServerSection {
     pub retention: Option<String>,
     pub read_samples_max: Option<u64>,
     pub query_connections_max: Option<usize>,
+    pub cache_bytes: Option<usize>,
 }
 
 /// `promgate server`'s file: the same `[server]` and `[log]` sections.
@@ -243,6 +244,9 @@ pub fn server_config(
         )?,
         data_dir,
         retention_ms,
+        cache_bytes: section
+            .cache_bytes
+            .unwrap_or(promgate_server::store::CACHE_BYTES_DEFAULT),
         query: promgate_server::query::QueryConfig {
             read_samples_max: section.read_samples_max.unwrap_or(q.read_samples_max),
             connections_max: section.query_connections_max.unwrap_or(q.connections_max),

@@ -108,6 +108,11 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
     if config.ship.agent_id.is_empty() {
         config.ship.agent_id = agent_id(&config.data_dir)?;
     }
+    // The server's exactly-once ledger is keyed by this agent's id *and* the WAL's epoch:
+    // a WAL that was deleted starts its sequence numbers again, and must not be taken
+    // for a replay of what the old one shipped.
+    let epoch = wal_epoch(&config.data_dir.join("wal"))?;
+    config.ship.agent_id = format!("{}#{epoch}", config.ship.agent_id);
     if let Some(section) = &config.embedded {
         let dir = section
             .data_dir
@@ -178,40 +183,52 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
     })
 }
 
-/// This agent's id: generated at first start and kept in DATA_DIR/agent_id, so the
-/// server's exactly-once ledger recognises it across restarts.
-fn agent_id(data_dir: &Path) -> anyhow::Result<String> {
+/// A random id made when the WAL directory is created and kept in it (`wal/epoch`).
+fn wal_epoch(wal_dir: &Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    std::fs::create_dir_all(wal_dir).with_context(|| format!("creating {}", wal_dir.display()))?;
+    persistent_id(&wal_dir.join("epoch"), String::new())
+}
+
+/// Reads the id kept in `path`, or creates it as `prefix` + 12 random hex digits.
+fn persistent_id(path: &Path, prefix: String) -> anyhow::Result<String> {
     use anyhow::Context;
     use std::io::{Read, Write};
-    let path = data_dir.join("agent_id");
-    if let Ok(id) = std::fs::read_to_string(&path) {
+    if let Ok(id) = std::fs::read_to_string(path) {
         let id = id.trim().to_string();
         if !id.is_empty() {
             return Ok(id);
         }
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "agent".into());
     let mut random = [0u8; 6];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut random))
-        .context("reading /dev/urandom for the agent id")?;
+        .context("reading /dev/urandom for an id")?;
     let id = format!(
-        "{host}-{}",
+        "{prefix}{}",
         random
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     );
-    let tmp = data_dir.join("agent_id.tmp");
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
     let mut f =
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(format!("{id}\n").as_bytes())?;
     f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(data_dir)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(id)
+}
+
+/// This agent's id: generated at first start and kept in DATA_DIR/agent_id, so the
+/// server's exactly-once ledger recognises it across restarts.
+fn agent_id(data_dir: &Path) -> anyhow::Result<String> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "agent".into());
+    persistent_id(&data_dir.join("agent_id"), format!("{host}-"))
 }
 
 fn run_server(flags: &ServerFlags) -> anyhow::Result<()> {

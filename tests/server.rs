@@ -536,3 +536,44 @@ fn the_server_answers_bad_frames_with_error_frames_and_keeps_serving() {
         1
     );
 }
+
+#[test]
+fn a_deleted_wal_starts_a_new_epoch_instead_of_being_taken_for_a_replay() {
+    let dir = temp_dir("server-wal-epoch");
+    let data = dir.join("data");
+    let send = |agent: &Agent, golden: &str, headers: &[(&str, &str)]| {
+        let mut c = Client::connect(agent.port).unwrap();
+        let r = c
+            .request("POST", "/api/v1/write", headers, &common::golden(golden))
+            .unwrap();
+        assert_eq!(r.status, 204, "{}", r.text());
+        wait_shipped(agent);
+    };
+    let agent = Agent::start_in(&dir, &data, free_port(), &["--shards", "1"]);
+    send(&agent, "v1_basic.bin", common::V1);
+    drop(agent);
+    // The operator wipes the WAL (its sequence numbers start again at 1) but keeps the
+    // store and the agent id.
+    std::fs::remove_dir_all(data.join("wal")).unwrap();
+    let agent = Agent::start_in(&dir, &data, free_port(), &["--shards", "1"]);
+    send(&agent, "v2_basic.bin", common::V2);
+    let r = decode_read(
+        &remote_read_raw(
+            agent.query_port,
+            &read_request(
+                vec![query(
+                    0,
+                    1_800_000_000_000,
+                    &[(MATCH_EQ, "__name__", "http_requests_total")],
+                )],
+                &[],
+            ),
+        ),
+        1,
+    );
+    let samples: Vec<(i64, u64)> = r[0].iter().flat_map(|s| s.samples.clone()).collect();
+    assert!(
+        samples.contains(&(1_700_000_015_000, 0x7ff0_0000_0000_0002)),
+        "the new WAL's first record was skipped as a replay: {samples:?}"
+    );
+}

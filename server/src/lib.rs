@@ -27,6 +27,8 @@ pub struct ServerConfig {
     pub query_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub retention_ms: i64,
+    /// redb page cache.
+    pub cache_bytes: usize,
     pub query: query::QueryConfig,
 }
 
@@ -92,7 +94,7 @@ fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// Opens the store, binds both listeners and serves on background threads.
 pub fn start(config: ServerConfig) -> anyhow::Result<Server> {
     let store = Arc::new(
-        store::Store::open(&config.data_dir, config.retention_ms)
+        store::Store::open_with_cache(&config.data_dir, config.retention_ms, config.cache_bytes)
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
     );
     let metrics = Arc::new(metrics::ServerMetrics::default());

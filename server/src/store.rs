@@ -59,6 +59,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 pub const PARTITION_MS: i64 = 2 * 3600 * 1000;
+/// redb's page cache unless configured (`server.cache_bytes`).
+pub const CACHE_BYTES_DEFAULT: usize = 256 << 20;
 
 const SERIES: TableDefinition<&[u8], u64> = TableDefinition::new("series");
 const LABELS: TableDefinition<u64, &[u8]> = TableDefinition::new("labels");
@@ -230,11 +232,24 @@ pub struct SeriesData {
 }
 
 impl Store {
+    /// Opens (or creates) the store with redb's default page cache.
     pub fn open(dir: &Path, retention_ms: i64) -> anyhow::Result<Store> {
+        Store::open_with_cache(dir, retention_ms, CACHE_BYTES_DEFAULT)
+    }
+
+    /// Opens (or creates) the store; `cache_bytes` bounds redb's page cache.
+    pub fn open_with_cache(
+        dir: &Path,
+        retention_ms: i64,
+        cache_bytes: usize,
+    ) -> anyhow::Result<Store> {
         use anyhow::Context;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("prometheus.redb");
-        let db = Database::create(&path).with_context(|| format!("opening {}", path.display()))?;
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         let tx = db.begin_write()?;
         tx.open_table(SERIES)?;
         tx.open_table(LABELS)?;

@@ -56,7 +56,7 @@ impl Default for ShipConfig {
         ShipConfig {
             server: "127.0.0.1:30033".into(),
             agent_id: String::new(),
-            batch_samples_max: 200_000,
+            batch_samples_max: 1_000_000,
             compress: true,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
