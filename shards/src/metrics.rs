@@ -453,7 +453,7 @@ fn render_ship(shards: &[ShardMetrics], out: &mut String) {
     let gauges: [(&str, &str, Getter); 2] = [
         (
             "promgate_agent_ship_connected",
-            "1 while the shard's shipper is connected to the server.",
+            "1 while the shard's shipper holds a connection to the server (an idle shipper notices a lost server at its next batch).",
             |m| &m.ship.connected,
         ),
         (

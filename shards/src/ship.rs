@@ -172,8 +172,6 @@ pub struct BatchBuilder {
     pub batch: ShipBatch,
     decoded: Batch,
     raw: Vec<u8>,
-    /// Refs first sent in the current batch (forgotten if it is not acknowledged).
-    pending_refs: Vec<Vec<u8>>,
 }
 
 impl BatchBuilder {
@@ -189,19 +187,13 @@ impl BatchBuilder {
         self.batch.sample_refs.len() + self.batch.histograms.len() + self.batch.exemplars.len()
     }
 
-    /// Starts a new batch; the references sent in the previous one stay known.
+    /// Starts a new batch; the references sent in the previous one stay known. (A
+    /// batch that is not acknowledged ends the connection, and with it the builder, so
+    /// references are never left pointing at series the server did not get.)
     pub fn reset(&mut self) {
         self.batch.clear();
         self.batch.first_seq = 0;
         self.batch.last_seq = 0;
-        self.pending_refs.clear();
-    }
-
-    /// Forgets the references introduced by the current batch (it was not delivered).
-    pub fn forget_pending(&mut self) {
-        for k in self.pending_refs.drain(..) {
-            self.refs.remove(&k);
-        }
     }
 
     fn series_ref(&mut self, d: &Decoded<'_>, labels: promgate_proto::batch::Run) -> u32 {
@@ -217,7 +209,6 @@ impl BatchBuilder {
         }
         let r = self.refs.len() as u32;
         self.refs.insert(self.key.clone(), r);
-        self.pending_refs.push(self.key.clone());
         self.batch.new_series.push(NewSeries {
             series_ref: r,
             labels: labels_of(d.labels(labels)),
@@ -458,15 +449,8 @@ impl<S: Storage> Shipper<S> {
                 Ok(()) => read_frame(&mut s, &mut body).await,
                 Err(e) => Err(Ended::Io(e)),
             };
-            let kind = match reply {
-                Ok(k) => k,
-                Err(e) => {
-                    builder.forget_pending();
-                    return Err(e);
-                }
-            };
+            let kind = reply?;
             if kind != ship::KIND_ACK {
-                builder.forget_pending();
                 return Err(unexpected(kind, &body));
             }
             let seq = ship::access::<ArchivedAck>(&body)
