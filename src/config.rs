@@ -32,6 +32,70 @@ pub struct File {
     pub ship: ShipSection,
     #[serde(default)]
     pub server: ServerSection,
+    #[serde(default)]
+    pub enrich: EnrichSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichSection {
+    /// Prometheus base URLs whose targets and configuration are polled.
+    pub prometheus_http_api_addresses: Option<Vec<String>>,
+    pub sync_interval: Option<String>,
+    pub sync_timeout: Option<String>,
+    pub custom_tags: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// The validated `[enrich]` settings.
+#[derive(Debug, Clone, Default)]
+pub struct EnrichSettings {
+    pub addresses: Vec<String>,
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+    pub custom_tags: Vec<(String, String)>,
+}
+
+fn is_label_name(s: &str) -> bool {
+    let mut b = s.bytes();
+    matches!(b.next(), Some(c) if c == b'_' || c.is_ascii_alphabetic())
+        && b.all(|c| c == b'_' || c.is_ascii_alphanumeric())
+}
+
+impl EnrichSection {
+    fn resolve(&self) -> anyhow::Result<EnrichSettings> {
+        let ms =
+            |v: &Option<String>, default: &str, key: &str| -> anyhow::Result<std::time::Duration> {
+                let text = v.clone().unwrap_or_else(|| default.to_string());
+                let ms = promgate_server::parse_duration_ms(&text)
+                    .map_err(|e| anyhow::anyhow!("enrich.{key}: {e}"))?;
+                Ok(std::time::Duration::from_millis(ms as u64))
+            };
+        let addresses = self
+            .prometheus_http_api_addresses
+            .clone()
+            .unwrap_or_default();
+        for a in &addresses {
+            if !a.starts_with("http://") {
+                bail!("enrich.prometheus_http_api_addresses: {a:?} must start with http://");
+            }
+        }
+        let mut custom_tags = Vec::new();
+        for (n, v) in self.custom_tags.iter().flatten() {
+            if !is_label_name(n) {
+                bail!("enrich.custom_tags: {n:?} is not a valid label name");
+            }
+            if v.is_empty() || v.len() > 1024 {
+                bail!("enrich.custom_tags.{n}: the value must be 1 to 1024 bytes");
+            }
+            custom_tags.push((n.clone(), v.clone()));
+        }
+        Ok(EnrichSettings {
+            addresses,
+            interval: ms(&self.sync_interval, "30s", "sync_interval")?,
+            timeout: ms(&self.sync_timeout, "5s", "sync_timeout")?,
+            custom_tags,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -300,6 +364,7 @@ pub struct AgentConfig {
     pub embedded: Option<ServerSection>,
     pub embedded_listen: Option<String>,
     pub embedded_query_listen: Option<String>,
+    pub enrich: EnrichSettings,
 }
 
 pub fn load_file(path: &Path) -> anyhow::Result<File> {
@@ -418,7 +483,9 @@ impl AgentConfig {
         if ship.batch_samples_max == 0 {
             bail!("ship.batch_samples_max must be positive");
         }
+        let enrich = file.enrich.resolve()?;
         let config = AgentConfig {
+            enrich,
             ship,
             embedded: server.is_none().then(|| file.server.clone()),
             embedded_listen: flags.server_listen.clone(),

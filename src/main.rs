@@ -136,6 +136,30 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
         std::mem::forget(server);
     }
     tracing::info!(server = %config.ship.server, agent_id = %config.ship.agent_id, "shipping");
+    if !config.enrich.addresses.is_empty() {
+        use promgate_shards::snapshot::{spawn_poller, SnapshotCell, SnapshotMetrics};
+        let metrics = std::sync::Arc::new(SnapshotMetrics {
+            sync_errors: config
+                .enrich
+                .addresses
+                .iter()
+                .map(|_| Default::default())
+                .collect(),
+            ..Default::default()
+        });
+        promgate_shards::metrics::set_snapshot_metrics(
+            metrics.clone(),
+            config.enrich.addresses.clone(),
+        );
+        tracing::info!(addresses = ?config.enrich.addresses, interval = ?config.enrich.interval, "polling Prometheus for the target-label snapshot");
+        spawn_poller(
+            config.enrich.addresses.clone(),
+            config.enrich.interval,
+            config.enrich.timeout,
+            std::sync::Arc::new(SnapshotCell::default()),
+            metrics,
+        )?;
+    }
     let ship_config = config.ship.clone();
     let wal_root = config.data_dir.join("wal");
     let wal_config = config.wal.clone();
@@ -277,6 +301,10 @@ fn main() -> ExitCode {
                     c.data_dir.display()
                 );
                 println!("{:#?}", c.options.receive);
+                println!(
+                    "enrich: addresses {:?}, sync every {:?} (timeout {:?}), custom tags {:?}",
+                    c.enrich.addresses, c.enrich.interval, c.enrich.timeout, c.enrich.custom_tags
+                );
                 return ExitCode::SUCCESS;
             }
             Err(e) => {

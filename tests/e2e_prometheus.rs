@@ -46,7 +46,20 @@ fn prometheus_remote_write_counts_match() {
     need("prometheus");
     need("prometheus-node-exporter");
     let dir = temp_dir("e2e");
-    let agent = Agent::start("e2e-agent", &["--shards", "2"]);
+    let prom_port = free_port();
+    // The agent polls A's targets API for its target-label snapshot.
+    let agent_config = dir.join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "[enrich]\nprometheus_http_api_addresses = [\"http://127.0.0.1:{prom_port}\"]\nsync_interval = \"1s\"\n"
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(
+        "e2e-agent",
+        &["--shards", "2", "--config", agent_config.to_str().unwrap()],
+    );
 
     let node_port = free_port();
     let _node = Proc(
@@ -57,7 +70,6 @@ fn prometheus_remote_write_counts_match() {
             .spawn()
             .expect("start node exporter"),
     );
-    let prom_port = free_port();
     let config = format!(
         r#"global:
   scrape_interval: 1s
@@ -154,6 +166,17 @@ remote_read:
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(non_2xx, 0.0, "every remote_write request was accepted");
+
+    // The snapshot holds A's two active targets (job prometheus and job node).
+    wait_for(
+        "the agent's snapshot of A's targets",
+        Duration::from_secs(30),
+        || {
+            let m = agent.metrics();
+            metric_sum(&m, "promgate_agent_snapshot_targets") == 2.0
+                && metric_sum(&m, "promgate_agent_snapshot_stale") == 0.0
+        },
+    );
 
     compare_promql(prom_port, b_port, &agent, started);
 }

@@ -629,3 +629,47 @@ fn a_stalled_request_gets_408_and_an_idle_connection_is_closed() {
         200
     );
 }
+
+#[test]
+fn check_config_validates_the_enrich_section() {
+    let dir = common::temp_dir("enrichconfig");
+    let run = |text: &str| {
+        let f = dir.join("enrich.toml");
+        std::fs::write(&f, text).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_promgate"))
+            .args(["agent", "--check-config", "--config"])
+            .arg(&f)
+            .output()
+            .unwrap()
+    };
+    let ok = run("[enrich]\nprometheus_http_api_addresses = [\"http://127.0.0.1:9090\"]\nsync_interval = \"10s\"\n[enrich.custom_tags]\nregion = \"eu-1\"\n");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("(\"region\", \"eu-1\")"));
+    for (text, names) in [
+        (
+            "[enrich]\nprometheus_http_api_addresses = [\"https://x:9090\"]\n",
+            "http://",
+        ),
+        (
+            "[enrich]\nsync_interval = \"soon\"\n",
+            "enrich.sync_interval",
+        ),
+        ("[enrich.custom_tags]\n\"bad-name\" = \"x\"\n", "bad-name"),
+        (
+            "[enrich.custom_tags]\nempty = \"\"\n",
+            "enrich.custom_tags.empty",
+        ),
+    ] {
+        let out = run(text);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(names),
+            "{text}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

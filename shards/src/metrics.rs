@@ -361,6 +361,7 @@ pub fn render(shards: &[ShardMetrics], out: &mut String) {
     );
     render_wal(shards, out);
     render_ship(shards, out);
+    render_snapshot(out);
     process(out);
 }
 
@@ -480,6 +481,57 @@ fn render_ship(shards: &[ShardMetrics], out: &mut String) {
     ];
     for (name, help, get) in counters {
         per_shard(out, name, "counter", help, shards, get);
+    }
+}
+
+/// The target snapshot poller's metrics, when it runs (one per process).
+static SNAPSHOT: std::sync::OnceLock<(
+    std::sync::Arc<crate::snapshot::SnapshotMetrics>,
+    Vec<String>,
+)> = std::sync::OnceLock::new();
+
+/// Makes `/metrics` include the snapshot poller's metrics.
+pub fn set_snapshot_metrics(
+    m: std::sync::Arc<crate::snapshot::SnapshotMetrics>,
+    addresses: Vec<String>,
+) {
+    let _ = SNAPSHOT.set((m, addresses));
+}
+
+fn render_snapshot(out: &mut String) {
+    let Some((m, addresses)) = SNAPSHOT.get() else {
+        return;
+    };
+    let gauges: [(&str, &str, &AtomicU64); 4] = [
+        (
+            "promgate_agent_snapshot_version",
+            "Version of the published target snapshot.",
+            &m.version,
+        ),
+        (
+            "promgate_agent_snapshot_targets",
+            "Targets in the published snapshot.",
+            &m.targets,
+        ),
+        (
+            "promgate_agent_snapshot_last_success_timestamp_ms",
+            "When every address last answered (Unix ms).",
+            &m.last_success_ms,
+        ),
+        (
+            "promgate_agent_snapshot_stale",
+            "1 while an address failed its last sync (its last good targets are kept).",
+            &m.stale,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        family(out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+    }
+    let name = "promgate_agent_snapshot_sync_errors_total";
+    family(out, name, "counter", "Failed syncs, per polled Prometheus.");
+    for (a, c) in addresses.iter().zip(&m.sync_errors) {
+        let _ = writeln!(out, "{name}{{address=\"{a}\"}} {}", c.load(Relaxed));
     }
 }
 
