@@ -150,3 +150,94 @@ fn agent_sigkill_then_restart_loses_and_duplicates_nothing() {
 fn server_sigkill_then_restart_loses_and_duplicates_nothing() {
     run(Fault::ServerKilled, "fault-server-kill");
 }
+
+/// Unmounts on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_server_disk_loses_nothing_and_recovers_when_space_returns() {
+    let dir = temp_dir("fault-server-full");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "mounting a tmpfs failed (this test needs root)"
+    );
+    let _guard = Tmpfs(mnt.clone());
+    let filler = mnt.join("filler");
+    // Leave the store a few MiB: enough to start, not enough for the load.
+    std::fs::write(&filler, vec![1u8; 58 << 20]).unwrap();
+    let (ship, qport, aport) = (free_port(), free_port(), free_port());
+    let _server = Server::start_in(&dir, &mnt.join("data"), ship, qport, &[]);
+    let server_addr = format!("127.0.0.1:{ship}");
+    let agent = Agent::start_in(
+        &dir,
+        &dir.join("agent"),
+        aport,
+        &["--shards", "2", "--server", &server_addr],
+    );
+    let acks = dir.join("acks.log");
+    let status = Command::new(loadtest_binary())
+        .args([
+            "--url",
+            &format!("http://127.0.0.1:{aport}/api/v1/prometheus"),
+        ])
+        .args(["--connections", "4", "--duration", "4", "--rate", "150000"])
+        .args(["--series", "5000", "--samples-per-request", "1000"])
+        .args(["--start-ms", &common::recent_ms().to_string()])
+        .arg("--ack-log")
+        .arg(&acks)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("loadtest.log")).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let failed = |m: &str| metric_sum(m, "promgate_server_commit_errors_total");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while failed(&common::Server::metrics_at(qport)) == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the server's disk never filled up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The agent kept accepting into its WAL meanwhile; now space returns.
+    std::fs::remove_file(&filler).unwrap();
+    let acked = replay_ack_log(&std::fs::read_to_string(&acks).unwrap()).unwrap();
+    let want = acked_keys(&acked);
+    let all = read_request(
+        vec![query(0, 1_800_000_000_000, &[(MATCH_RE, "__name__", ".+")])],
+        &[RESPONSE_STREAMED_XOR_CHUNKS],
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let r = remote_read_raw(qport, &all);
+        if r.status == 200 {
+            let stored = by_key(&decode_read(&r, 1)[0]);
+            if want.keys().all(|k| stored.contains_key(k)) {
+                for (k, bits) in &want {
+                    assert_eq!(stored[k], *bits, "value of {k:?}");
+                }
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "acknowledged samples never arrived after space returned; server log:\n{}",
+            std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(agent);
+}

@@ -75,6 +75,14 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 pub type Labels = Vec<(String, String)>;
 
+fn open_db(path: &Path, cache_bytes: usize) -> anyhow::Result<Database> {
+    use anyhow::Context;
+    redb::Builder::new()
+        .set_cache_size(cache_bytes)
+        .create(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
 pub fn partition_of(t: i64) -> i64 {
     t.div_euclid(PARTITION_MS)
 }
@@ -178,7 +186,10 @@ struct Head {
 }
 
 pub struct Store {
-    db: Database,
+    /// `None` only while being reopened after an I/O error.
+    db: std::sync::RwLock<Option<Database>>,
+    path: std::path::PathBuf,
+    cache_bytes: usize,
     head: Mutex<Head>,
     pub metrics: StoreMetrics,
     pub retention_ms: i64,
@@ -246,10 +257,7 @@ impl Store {
         use anyhow::Context;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("prometheus.redb");
-        let db = redb::Builder::new()
-            .set_cache_size(cache_bytes)
-            .create(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+        let db = open_db(&path, cache_bytes)?;
         let tx = db.begin_write()?;
         tx.open_table(SERIES)?;
         tx.open_table(LABELS)?;
@@ -263,7 +271,9 @@ impl Store {
         tx.open_table(META)?;
         tx.commit()?;
         let store = Store {
-            db,
+            db: std::sync::RwLock::new(Some(db)),
+            path,
+            cache_bytes,
             head: Mutex::new(Head {
                 series: HashMap::new(),
                 next_sid: 1,
@@ -280,9 +290,42 @@ impl Store {
         Ok(store)
     }
 
+    fn begin_read(&self) -> Result<redb::ReadTransaction, ApplyError> {
+        let db = self.db.read().expect("not poisoned");
+        let db = db
+            .as_ref()
+            .ok_or_else(|| ApplyError::Storage("the store is being reopened".into()))?;
+        db.begin_read().map_err(storage)
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, ApplyError> {
+        let db = self.db.read().expect("not poisoned");
+        let db = db
+            .as_ref()
+            .ok_or_else(|| ApplyError::Storage("the store is being reopened".into()))?;
+        db.begin_write().map_err(storage)
+    }
+
+    /// After a failed commit (disk full, I/O error) redb refuses every later
+    /// transaction until the database is reopened: close it and open it again, which
+    /// recovers the last durable commit. Called with the head lock held (no writer runs).
+    fn reopen(&self) {
+        let mut slot = self.db.write().expect("not poisoned");
+        drop(slot.take());
+        match open_db(&self.path, self.cache_bytes) {
+            Ok(db) => {
+                tracing::warn!(path = %self.path.display(), "store reopened after a failed commit");
+                *slot = Some(db);
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot reopen the store yet; the next batch tries again");
+            }
+        }
+    }
+
     /// Rebuilds the in-memory head and ledger from disk.
     fn load_head(&self, head: &mut Head) -> anyhow::Result<()> {
-        let rtx = self.db.begin_read()?;
+        let rtx = self.begin_read().map_err(|e| anyhow::anyhow!("{e}"))?;
         head.series.clear();
         head.applied.clear();
         for row in rtx.open_table(HEAD)?.iter()? {
@@ -341,6 +384,9 @@ impl Store {
     ) -> Result<Applied, ApplyError> {
         let mut head = self.head.lock().expect("not poisoned");
         if head.stale {
+            if self.db.read().expect("not poisoned").is_none() {
+                self.reopen();
+            }
             self.load_head(&mut head).map_err(storage)?;
         }
         let key = applied_key(&b.agent, b.shard.to_native());
@@ -375,6 +421,9 @@ impl Store {
                 self.metrics.commit_errors.fetch_add(1, Relaxed);
                 // Connection refs may point at series ids that were never committed.
                 refs.clear();
+                if matches!(e, ApplyError::Storage(_)) {
+                    self.reopen();
+                }
                 Err(e)
             }
         }
@@ -389,7 +438,7 @@ impl Store {
         if b.new_series.is_empty() {
             return Ok(());
         }
-        let tx = self.db.begin_write().map_err(storage)?;
+        let tx = self.begin_write()?;
         let mut next_sid = head.next_sid;
         self.intern(&tx, b, refs, &mut next_sid)?;
         tx.open_table(META)
@@ -450,7 +499,7 @@ impl Store {
         applied_key: &str,
         last: u64,
     ) -> Result<u64, ApplyError> {
-        let tx = self.db.begin_write().map_err(storage)?;
+        let tx = self.begin_write()?;
         let mut next_sid = head.next_sid;
         self.intern(&tx, b, refs, &mut next_sid)?;
         let sid_of = |r: u32| {
@@ -597,7 +646,7 @@ impl Store {
     }
 
     pub fn reader(&self) -> anyhow::Result<Reader> {
-        let tx = self.db.begin_read()?;
+        let tx = self.begin_read().map_err(|e| anyhow::anyhow!("{e}"))?;
         // The partitions that hold anything, so a query over a huge window only visits
         // those.
         let mut span: Option<(i64, i64)> = None;
@@ -620,7 +669,7 @@ impl Store {
         if head.stale {
             self.load_head(&mut head)?;
         }
-        let tx = self.db.begin_write()?;
+        let tx = self.begin_write().map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut partitions = hashbrown::HashSet::new();
         {
             let lo = (i64::MIN, 0u64, i64::MIN);
@@ -646,7 +695,11 @@ impl Store {
                 }
             }
         }
-        tx.commit()?;
+        if let Err(e) = tx.commit() {
+            head.stale = true;
+            self.reopen();
+            return Err(e.into());
+        }
         let n = partitions.len() as u64;
         self.metrics
             .retention_partitions_deleted

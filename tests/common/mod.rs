@@ -205,7 +205,11 @@ impl Server {
     }
 
     pub fn metrics(&self) -> String {
-        let mut c = Client::connect(self.query_port).unwrap();
+        Server::metrics_at(self.query_port)
+    }
+
+    pub fn metrics_at(query_port: u16) -> String {
+        let mut c = Client::connect(query_port).unwrap();
         String::from_utf8(c.request("GET", "/metrics", &[], b"").unwrap().body).unwrap()
     }
 }
