@@ -151,30 +151,11 @@ fn server_sigkill_then_restart_loses_and_duplicates_nothing() {
     run(Fault::ServerKilled, "fault-server-kill");
 }
 
-/// Unmounts on drop.
-struct Tmpfs(std::path::PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_server_disk_loses_nothing_and_recovers_when_space_returns() {
     let dir = temp_dir("fault-server-full");
     let mnt = dir.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .unwrap();
-    assert!(
-        mounted.success(),
-        "mounting a tmpfs failed (this test needs root)"
-    );
-    let _guard = Tmpfs(mnt.clone());
+    let _guard = common::Tmpfs::mount(&mnt, "64m");
     let filler = mnt.join("filler");
     // Leave the store a few MiB: enough to start, not enough for the load.
     std::fs::write(&filler, vec![1u8; 58 << 20]).unwrap();

@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::{free_port, metric_sum, temp_dir, Agent, Client, V1};
+use common::{free_port, loadtest_binary, metric_sum, temp_dir, Agent, Client, V1};
 use promgate_loadtest::{
     acked_samples, replay_ack_log, AckedSample, BodyTemplate, GenParams, Protocol,
 };
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,16 +18,6 @@ const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
 /// Ship to an address where nothing listens: these tests look at the WAL itself, so
 /// nothing may be shipped and truncated away under them.
 const UNSHIPPED: &str = "127.0.0.1:9";
-
-fn loadtest_binary() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_promgate")).with_file_name("promgate-loadtest");
-    assert!(
-        p.exists(),
-        "{} is missing: cargo build --release -p promgate-loadtest",
-        p.display()
-    );
-    p
-}
 
 /// `wal inspect --dump` as a set of `{labels} ts=T bits=B` keys; also checks that
 /// plain `wal inspect` finds no corruption.
@@ -264,31 +254,11 @@ fn disk_budget_answers_503_with_retry_after_and_keeps_everything() {
     assert_all_present(&acked, &dumped(&data));
 }
 
-/// Unmounts on drop.
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn full_disk_answers_503_and_recovers_when_space_returns() {
     let dir = temp_dir("wal-enospc");
     let mnt = dir.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    // A real, small filesystem (root is needed to mount it; CI runs as root).
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "mounting a 2 MiB tmpfs failed (this test needs root)"
-    );
-    let _guard = Tmpfs(mnt.clone());
+    let _guard = common::Tmpfs::mount(&mnt, "2m");
     // Most of the space is taken by something else.
     std::fs::write(mnt.join("filler"), vec![1u8; 1536 * 1024]).unwrap();
     let data = mnt.join("data");

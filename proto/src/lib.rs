@@ -3,6 +3,7 @@
 //! fuzzed and benchmarked anywhere.
 pub mod batch;
 pub mod decode;
+pub mod duration;
 pub mod messages;
 pub mod remote_write;
 pub mod ship;

@@ -48,20 +48,9 @@ pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
     let n: i64 = n
         .parse()
         .map_err(|_| format!("{s:?} is not a duration like 15d, 12h, 30m or 90s"))?;
-    let mult = match unit {
-        "ms" => 1,
-        "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        "w" => 7 * 86_400_000,
-        "y" => 365 * 86_400_000,
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?} (ms, s, m, h, d, w, y)"
-            ))
-        }
-    };
+    let mult = promgate_proto::duration::unit_ms(unit)
+        .ok_or_else(|| format!("{s:?}: unknown unit {unit:?} (ms, s, m, h, d, w, y)"))?
+        as i64;
     n.checked_mul(mult)
         .filter(|v| *v > 0)
         .ok_or_else(|| format!("{s:?} must be positive and not absurdly large"))

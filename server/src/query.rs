@@ -297,6 +297,11 @@ fn read_error(ctx: &QueryContext, status: u16, m: String) -> Response {
     Response::text(status, &(m + "\n"))
 }
 
+/// Samples in an XOR chunk: its big-endian 16-bit header.
+fn chunk_samples(chunk: &[u8]) -> u64 {
+    u64::from(u16::from_be_bytes([chunk[0], chunk[1]]))
+}
+
 /// One query's selected series with their data, before encoding.
 struct Selected {
     labels: Labels,
@@ -374,7 +379,7 @@ fn remote_read(body: &[u8], ctx: &QueryContext) -> Response {
             samples_total += data
                 .chunks
                 .iter()
-                .map(|(_, _, c)| u64::from(u16::from_be_bytes([c[0], c[1]])))
+                .map(|(_, _, c)| chunk_samples(c))
                 .sum::<u64>()
                 + data.histograms.len() as u64;
             has_histograms |= !data.histograms.is_empty();
@@ -516,7 +521,7 @@ fn chunks_response(req: &ReadRequest, results: Vec<Vec<Selected>>, ctx: &QueryCo
             };
             let mut samples = 0u64;
             for (min_t, max_t, c) in s.data.chunks {
-                samples += u64::from(u16::from_be_bytes([c[0], c[1]]));
+                samples += chunk_samples(&c);
                 msg_bytes += c.len() + 24;
                 cs.chunks.push(Chunk {
                     min_time_ms: min_t,

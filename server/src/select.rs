@@ -68,18 +68,8 @@ pub fn select(r: &Reader, matchers: &[Matcher]) -> anyhow::Result<Vec<(u64, Labe
         }
         let ids = match m.kind {
             MatchKind::Equal => r.postings(&m.name, &m.value)?,
-            MatchKind::Regex => {
-                let mut ids: Vec<u64> = r
-                    .values_of(&m.name)?
-                    .into_iter()
-                    .filter(|(v, _)| m.matches(v))
-                    .flat_map(|(_, ids)| ids)
-                    .collect();
-                ids.sort_unstable();
-                ids.dedup();
-                ids
-            }
-            // `!=` and `!~` that do not match "": the series must have the label.
+            // `=~`, and `!=` / `!~` that do not match "" (the series must have the
+            // label): the union of the postings of every value that matches.
             _ => {
                 let mut ids: Vec<u64> = r
                     .values_of(&m.name)?

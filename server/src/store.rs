@@ -290,20 +290,24 @@ impl Store {
         Ok(store)
     }
 
-    fn begin_read(&self) -> Result<redb::ReadTransaction, ApplyError> {
+    /// Runs `f` on the open database (briefly holding the reopen lock).
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, redb::TransactionError>,
+    ) -> Result<T, ApplyError> {
         let db = self.db.read().expect("not poisoned");
         let db = db
             .as_ref()
             .ok_or_else(|| ApplyError::Storage("the store is being reopened".into()))?;
-        db.begin_read().map_err(storage)
+        f(db).map_err(storage)
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction, ApplyError> {
+        self.with_db(Database::begin_read)
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction, ApplyError> {
-        let db = self.db.read().expect("not poisoned");
-        let db = db
-            .as_ref()
-            .ok_or_else(|| ApplyError::Storage("the store is being reopened".into()))?;
-        db.begin_write().map_err(storage)
+        self.with_db(Database::begin_write)
     }
 
     /// After a failed commit (disk full, I/O error) redb refuses every later

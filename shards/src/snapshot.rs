@@ -96,16 +96,7 @@ pub fn parse_prometheus_duration_ms(s: &str) -> Option<u64> {
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
-        let mult = match &rest[..unit_len] {
-            "ms" => 1,
-            "s" => 1000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            "w" => 7 * 86_400_000,
-            "y" => 365 * 86_400_000,
-            _ => return None,
-        };
+        let mult = promgate_proto::duration::unit_ms(&rest[..unit_len])?;
         total = total.checked_add(n.checked_mul(mult)?)?;
         rest = &rest[unit_len..];
     }

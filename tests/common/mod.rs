@@ -40,6 +40,46 @@ pub fn start_prometheus(dir: &Path, port: u16, config: &str) -> Proc {
     )
 }
 
+/// A real, small filesystem mounted at `dir` (root is needed; CI runs as root);
+/// unmounted on drop.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mounting a {size} tmpfs failed (this test needs root)"
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Spawns `cmd` with stdout discarded and stderr appended to `log`.
+fn spawn_logged(cmd: &mut Command, log: &Path, what: &str) -> Child {
+    cmd.stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {what}: {e}"))
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -102,17 +142,7 @@ impl Agent {
                 &format!("127.0.0.1:{query_port}"),
             ]);
         }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            )
-            .spawn()
-            .expect("start promgate agent");
+        let child = spawn_logged(&mut cmd, &log, "promgate agent");
         let agent = Agent {
             child,
             port,
@@ -173,27 +203,18 @@ impl Server {
         extra: &[&str],
     ) -> Server {
         let log = dir.join("server.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_promgate"))
-            .args([
-                "server",
-                "--listen",
-                &format!("127.0.0.1:{ship_port}"),
-                "--query-listen",
-                &format!("127.0.0.1:{query_port}"),
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            )
-            .spawn()
-            .expect("start promgate server");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_promgate"));
+        cmd.args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{ship_port}"),
+            "--query-listen",
+            &format!("127.0.0.1:{query_port}"),
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(extra);
+        let child = spawn_logged(&mut cmd, &log, "promgate server");
         let server = Server {
             child,
             ship_port,
@@ -528,7 +549,7 @@ pub const V2: &[(&str, &str)] = &[
     ("X-Prometheus-Remote-Write-Version", "2.0.0"),
 ];
 
-pub fn loadtest_binary() -> std::path::PathBuf {
+pub fn loadtest_binary() -> PathBuf {
     let p = Path::new(env!("CARGO_BIN_EXE_promgate")).with_file_name("promgate-loadtest");
     assert!(
         p.exists(),
