@@ -33,6 +33,8 @@ pub struct File {
     #[serde(default)]
     pub server: ServerSection,
     #[serde(default)]
+    pub query: QuerySection,
+    #[serde(default)]
     pub enrich: EnrichSection,
 }
 
@@ -108,6 +110,7 @@ pub struct ShipSection {
     pub compress: Option<bool>,
     pub backoff_max_ms: Option<u64>,
     pub reply_timeout_ms: Option<u64>,
+    pub split_target_labels: Option<bool>,
 }
 
 /// The server's settings: `promgate server`'s file, and the embedded server's.
@@ -121,14 +124,29 @@ pub struct ServerSection {
     pub read_samples_max: Option<u64>,
     pub query_connections_max: Option<usize>,
     pub cache_bytes: Option<usize>,
+    /// The file's `[query]` section (a table of its own, copied here after parsing).
+    #[serde(skip)]
+    pub query: QuerySection,
 }
 
-/// `promgate server`'s file: the same `[server]` and `[log]` sections.
+/// `[query]`: how the server's query APIs show meta tags.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct QuerySection {
+    /// remote_read label sets carry the meta tags too (under the prefix).
+    pub meta_tags_in_labels: Option<bool>,
+    /// The prefix of meta tag names in matchers and the labels/series APIs (`df_`).
+    pub meta_tag_prefix: Option<String>,
+}
+
+/// `promgate server`'s file: the same `[server]`, `[query]` and `[log]` sections.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
     #[serde(default)]
     pub server: ServerSection,
+    #[serde(default)]
+    pub query: QuerySection,
     #[serde(default)]
     pub log: LogSection,
 }
@@ -314,6 +332,17 @@ pub fn server_config(
         query: promgate_server::query::QueryConfig {
             read_samples_max: section.read_samples_max.unwrap_or(q.read_samples_max),
             connections_max: section.query_connections_max.unwrap_or(q.connections_max),
+            meta_tags_in_labels: section
+                .query
+                .meta_tags_in_labels
+                .unwrap_or(q.meta_tags_in_labels),
+            meta_tag_prefix: match &section.query.meta_tag_prefix {
+                Some(p) if p.is_empty() || !is_label_name(p) => {
+                    bail!("query.meta_tag_prefix: {p:?} must be a non-empty label name prefix")
+                }
+                Some(p) => p.clone(),
+                None => q.meta_tag_prefix.clone(),
+            },
             ..q
         },
     })
@@ -326,7 +355,10 @@ pub fn resolve_server(
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("reading config {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("parsing config {}", p.display()))?
+            let mut f: ServerFile =
+                toml::from_str(&text).with_context(|| format!("parsing config {}", p.display()))?;
+            f.server.query = f.query.clone();
+            f
         }
         None => ServerFile::default(),
     };
@@ -370,7 +402,10 @@ pub struct AgentConfig {
 pub fn load_file(path: &Path) -> anyhow::Result<File> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    let mut f: File =
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+    f.server.query = f.query.clone();
+    Ok(f)
 }
 
 impl AgentConfig {
@@ -479,6 +514,10 @@ impl AgentConfig {
                 .ship
                 .reply_timeout_ms
                 .map_or(sd.reply_timeout, std::time::Duration::from_millis),
+            split_target_labels: file
+                .ship
+                .split_target_labels
+                .unwrap_or(sd.split_target_labels),
         };
         if ship.batch_samples_max == 0 {
             bail!("ship.batch_samples_max must be positive");

@@ -68,7 +68,7 @@ pub fn run(data_dir: &Path, dump: bool) -> anyhow::Result<bool> {
                 seg.records += 1;
                 seg.first_seq.get_or_insert(r.seq);
                 seg.last_seq = Some(r.seq);
-                if (r.kind, r.format) != (KIND_REMOTE_WRITE, PAYLOAD_VERSION) {
+                if r.kind != KIND_REMOTE_WRITE || r.format == 0 || r.format > PAYLOAD_VERSION {
                     seg.problems += 1;
                     lines.push(format!(
                         "  seq {}: unknown record kind {} format {}",
@@ -76,7 +76,7 @@ pub fn run(data_dir: &Path, dump: bool) -> anyhow::Result<bool> {
                     ));
                     continue;
                 }
-                let result = replay_payload(&data[r.payload.0..r.payload.1], |d| {
+                let result = replay_payload(r.format, &data[r.payload.0..r.payload.1], |d, _| {
                     seg.series += d.batch.series.len() as u64;
                     seg.samples += d.batch.samples.len() as u64;
                     seg.histograms += d.batch.histograms.len() as u64;

@@ -136,8 +136,22 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
         std::mem::forget(server);
     }
     tracing::info!(server = %config.ship.server, agent_id = %config.ship.agent_id, "shipping");
+    use promgate_shards::enrich::{EnrichConfig, Enricher};
+    use promgate_shards::snapshot::{spawn_poller, SnapshotCell, SnapshotMetrics};
+    let enrich_config = EnrichConfig {
+        rules: EnrichConfig::default_rules(),
+        custom_tags: config.enrich.custom_tags.clone(),
+        agent: config
+            .ship
+            .agent_id
+            .split('#')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        agent_host: host_name(),
+    };
+    let snapshot = std::sync::Arc::new(SnapshotCell::default());
     if !config.enrich.addresses.is_empty() {
-        use promgate_shards::snapshot::{spawn_poller, SnapshotCell, SnapshotMetrics};
         let metrics = std::sync::Arc::new(SnapshotMetrics {
             sync_errors: config
                 .enrich
@@ -156,8 +170,9 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
             config.enrich.addresses.clone(),
             config.enrich.interval,
             config.enrich.timeout,
-            std::sync::Arc::new(SnapshotCell::default()),
+            snapshot.clone(),
             metrics,
+            enrich_config.clone(),
         )?;
     }
     let ship_config = config.ship.clone();
@@ -203,8 +218,20 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
             metrics: metrics.clone(),
         }
         .spawn();
-        Ok(WalSink { wal })
+        Ok(WalSink {
+            wal,
+            enricher: Some(Enricher::new(snapshot.clone(), &enrich_config)),
+            metrics: metrics.clone(),
+            shard,
+        })
     })
+}
+
+/// This machine's host name (the `agent_host` tag).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// A random id made when the WAL directory is created and kept in it (`wal/epoch`).

@@ -468,6 +468,8 @@ fn the_server_answers_bad_frames_with_error_frames_and_keeps_serving() {
         last_seq: 1,
         new_series: vec![ship::NewSeries {
             series_ref: 0,
+            target_ref: 0,
+            absent: vec![],
             labels: vec![ship::Label {
                 name: "__name__".into(),
                 value: "x".into(),

@@ -7,7 +7,7 @@
 //! ```text
 //! offset size  field
 //!  0      4    magic      "PGSF"
-//!  4      1    version    FRAME_VERSION (1); anything else is answered with an error frame
+//!  4      1    version    FRAME_VERSION (2); anything else is answered with an error frame
 //!  5      1    kind       KIND_HELLO 1 | KIND_WELCOME 2 | KIND_BATCH 3 | KIND_ACK 4 | KIND_ERROR 5
 //!  6      2    flags      u16 LE; bit 0 (FLAG_SNAPPY): the body is one snappy block;
 //!                         other bits must be zero
@@ -41,9 +41,18 @@
 //!   them, in order. The server stores the batch and the new `applied_seq = last_seq` for
 //!   (agent, shard) in one transaction, and skips a batch whose `last_seq` is at or below
 //!   the applied one (a replay after a crash), so each record is applied exactly once.
-//! - `new_series`: `(ref, labels)` for each series reference this connection has not
-//!   sent before. References are per connection: a label set crosses the wire once per
-//!   connection, then samples carry only its `u32` reference.
+//! - `new_targets`: `(ref, target labels, tags)` for each target this connection has not
+//!   sent before. The target labels are the pairs every series of the target carries
+//!   (after relabelling); the tags are the meta, agent and custom tags enrichment gave
+//!   the target (see `shards/src/enrich.rs`). A series of no known target refers to a
+//!   target with no labels and the agent and custom tags only.
+//! - `new_series`: `(ref, target ref, absent, app labels)` for each series reference
+//!   this connection has not sent before. The series' labels are its app labels plus
+//!   its target's labels except the indexes in `absent` (those it carries with another
+//!   value, or not at all: `honor_labels`), merged in name order; its tags are the
+//!   target's tags not named like one of its labels. References are per connection: a
+//!   label set crosses the wire once per connection, a target's labels and tags once per
+//!   connection for all its series, then samples carry only the series' `u32` reference.
 //! - samples as three columns of equal length: `sample_refs` (u32), `sample_ts`
 //!   (i64 ms) and `sample_values` (the f64's bit pattern as u64, so every NaN payload,
 //!   including Prometheus's staleness marker, survives exactly).
@@ -58,7 +67,7 @@ use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 
 pub const MAGIC: [u8; 4] = *b"PGSF";
-pub const FRAME_VERSION: u8 = 1;
+pub const FRAME_VERSION: u8 = 2;
 pub const HEADER_BYTES: usize = 16;
 pub const KIND_HELLO: u8 = 1;
 pub const KIND_WELCOME: u8 = 2;
@@ -122,7 +131,26 @@ pub struct Label {
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct NewSeries {
     pub series_ref: u32,
+    /// The target this series belongs to (a [`NewTarget`] of this connection).
+    pub target_ref: u32,
+    /// Indexes (ascending) into the target's labels of those this series does not carry
+    /// with the target's value; usually empty.
+    pub absent: Vec<u16>,
+    /// The series' app labels: its labels minus the target's labels it carries.
     pub labels: Vec<Label>,
+}
+
+/// A target's labels and meta tags, sent once per connection and referenced by series.
+/// Every series refers to one; series with no known target refer to one with no labels
+/// and the agent's own and custom tags.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NewTarget {
+    pub target_ref: u32,
+    /// Target labels, sorted by name.
+    pub labels: Vec<Label>,
+    /// Meta, agent and custom tags, sorted by name. A series keeps those not named like
+    /// one of its own labels (originals win).
+    pub tags: Vec<Label>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -156,6 +184,7 @@ pub struct ShipBatch {
     pub shard: u32,
     pub first_seq: u64,
     pub last_seq: u64,
+    pub new_targets: Vec<NewTarget>,
     pub new_series: Vec<NewSeries>,
     pub sample_refs: Vec<u32>,
     pub sample_ts: Vec<i64>,
@@ -167,6 +196,7 @@ pub struct ShipBatch {
 
 impl ShipBatch {
     pub fn clear(&mut self) {
+        self.new_targets.clear();
         self.new_series.clear();
         self.sample_refs.clear();
         self.sample_ts.clear();
@@ -373,9 +403,22 @@ pub fn check_batch(b: &ArchivedShipBatch) -> Result<(), FrameError> {
             "bad sequence range {first}..={last}"
         )));
     }
+    for t in b.new_targets.iter() {
+        let r = t.target_ref;
+        check_labels(&t.labels, false)
+            .map_err(|e| FrameError::Batch(format!("target ref {r}: labels: {e}")))?;
+        check_labels(&t.tags, false)
+            .map_err(|e| FrameError::Batch(format!("target ref {r}: tags: {e}")))?;
+    }
     for s in b.new_series.iter() {
-        check_labels(&s.labels, true)
+        check_labels(&s.labels, false)
             .map_err(|e| FrameError::Batch(format!("series ref {}: {e}", s.series_ref)))?;
+        if s.absent.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(FrameError::Batch(format!(
+                "series ref {}: absent target labels not ascending",
+                s.series_ref
+            )));
+        }
     }
     for e in b.exemplars.iter() {
         check_labels(&e.labels, false)
@@ -439,8 +482,18 @@ mod tests {
             shard: 0,
             first_seq: 1,
             last_seq: 2,
+            new_targets: vec![NewTarget {
+                target_ref: 0,
+                labels: vec![],
+                tags: vec![Label {
+                    name: "agent".into(),
+                    value: "a1".into(),
+                }],
+            }],
             new_series: vec![NewSeries {
                 series_ref: 0,
+                target_ref: 0,
+                absent: vec![],
                 labels: vec![
                     Label {
                         name: "__name__".into(),

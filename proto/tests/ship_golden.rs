@@ -152,6 +152,9 @@ fn golden_batches_decode_to_the_fixed_values_plain_and_snappy() {
         // The values the golden batch exists to pin, read straight from the archive.
         assert_eq!(a.agent.as_str(), "agent-01");
         assert_eq!(a.new_series[0].labels[1].value.as_str(), "Zürich–東京");
+        assert_eq!(a.new_targets[1].tags[2].value.as_str(), "api-7d9f");
+        assert_eq!(a.new_series[2].target_ref.to_native(), 1);
+        assert_eq!(a.new_series[2].absent[0].to_native(), 2);
         assert_eq!(a.sample_values[1].to_native(), STALE_NAN);
         let stale = f64::from_bits(a.sample_values[1].to_native());
         assert!(stale.is_nan() && stale.to_bits() == 0x7ff0_0000_0000_0002);
@@ -205,11 +208,14 @@ fn refuses_wrong_magic() {
 }
 
 #[test]
-fn refuses_version_2() {
+fn refuses_other_versions() {
     let mut f = golden("batch_plain.bin");
-    f[4] = 2;
+    // Version 1 (before target references) and a future 3.
+    f[4] = 1;
+    assert_eq!(open(&f).unwrap_err(), FrameError::UnsupportedVersion(1));
+    f[4] = 3;
     let e = open(&f).unwrap_err();
-    assert_eq!(e, FrameError::UnsupportedVersion(2));
+    assert_eq!(e, FrameError::UnsupportedVersion(3));
     assert_eq!(e.code(), promgate_proto::ship::code::UNSUPPORTED_VERSION);
     f[4] = 0;
     assert_eq!(open(&f).unwrap_err(), FrameError::UnsupportedVersion(0));

@@ -7,8 +7,7 @@
 //! a store commit that blocks on fsync anyway.
 
 use crate::metrics::ServerMetrics;
-use crate::store::{ApplyError, Store};
-use hashbrown::HashMap;
+use crate::store::{ApplyError, ConnRefs, Store};
 use promgate_proto::ship::{
     self, access, check_batch, code, open_body, parse_header, Ack, ArchivedHello,
     ArchivedShipBatch, ShipError, Welcome, HEADER_BYTES,
@@ -50,8 +49,8 @@ struct Connection<'a> {
     store: &'a Store,
     metrics: &'a ServerMetrics,
     hello: Option<(String, u32)>,
-    /// This connection's series references → series ids.
-    refs: HashMap<u32, u64>,
+    /// This connection's series and target references.
+    refs: ConnRefs,
     out: Vec<u8>,
 }
 
@@ -61,7 +60,7 @@ impl<'a> Connection<'a> {
             store,
             metrics,
             hello: None,
-            refs: HashMap::new(),
+            refs: ConnRefs::default(),
             out: Vec::new(),
         }
     }

@@ -6,7 +6,7 @@
 //! few and each is dominated by store reads, so the simplest server is the right one here.
 
 use crate::metrics::{render, ServerMetrics};
-use crate::select::{parse_selector, select, MatchKind, Matcher};
+use crate::select::{parse_selector, select, MatchKind, Matcher, TagView};
 use crate::store::{Labels, Store};
 use promgate_proto::messages::read::{
     Chunk, ChunkedReadResponse, ChunkedSeries, QueryResult, ReadRequest, ReadResponse, CHUNK_XOR,
@@ -29,6 +29,10 @@ pub struct QueryConfig {
     pub body_bytes_max: usize,
     pub connections_max: usize,
     pub idle_timeout: Duration,
+    /// remote_read label sets carry the series' meta tags (under `meta_tag_prefix`).
+    pub meta_tags_in_labels: bool,
+    /// Meta tags show as `prefix + NAME` in matchers and the labels/series APIs.
+    pub meta_tag_prefix: String,
 }
 
 impl Default for QueryConfig {
@@ -38,6 +42,18 @@ impl Default for QueryConfig {
             body_bytes_max: 32 << 20,
             connections_max: 256,
             idle_timeout: Duration::from_secs(120),
+            meta_tags_in_labels: false,
+            meta_tag_prefix: "df_".into(),
+        }
+    }
+}
+
+impl QueryContext {
+    /// The labels and series APIs always show meta tags (under the prefix).
+    fn api_view(&self) -> TagView<'_> {
+        TagView {
+            prefix: &self.config.meta_tag_prefix,
+            tags_in_labels: true,
         }
     }
 }
@@ -363,7 +379,11 @@ fn remote_read(body: &[u8], ctx: &QueryContext) -> Response {
             }
         }
         let (start, end) = (q.start_timestamp_ms, q.end_timestamp_ms);
-        let series = match select(&reader, &matchers) {
+        let view = TagView {
+            prefix: &ctx.config.meta_tag_prefix,
+            tags_in_labels: ctx.config.meta_tags_in_labels,
+        };
+        let series = match select(&reader, &matchers, view) {
             Ok(s) => s,
             Err(e) => return read_error(ctx, 500, format!("query {qi}: {e:#}")),
         };
@@ -652,7 +672,7 @@ fn matched_series(
     let mut all: Vec<(u64, Labels)> = Vec::new();
     for sel in selectors {
         let matchers = parse_selector(sel).map_err(|e| json_error(400, "bad_data", &e))?;
-        let found = select(&reader, &matchers)
+        let found = select(&reader, &matchers, ctx.api_view())
             .map_err(|e| json_error(500, "internal", &format!("{e:#}")))?;
         all.extend(found);
     }
@@ -683,7 +703,9 @@ fn labels(params: &[(String, String)], ctx: &QueryContext) -> Response {
             json_ok(json_list(&names))
         }
         Ok(None) => match ctx.store.reader().and_then(|r| r.label_names()) {
-            Ok(mut names) => {
+            Ok(names) => {
+                let view = ctx.api_view();
+                let mut names: Vec<String> = names.iter().map(|n| view.shown_name(n)).collect();
                 names.sort();
                 json_ok(json_list(&names))
             }
@@ -704,7 +726,11 @@ fn label_values(name: &str, params: &[(String, String)], ctx: &QueryContext) -> 
             values.dedup();
             json_ok(json_list(&values))
         }
-        Ok(None) => match ctx.store.reader().and_then(|r| r.values_of(name)) {
+        Ok(None) => match ctx
+            .store
+            .reader()
+            .and_then(|r| r.values_of(&ctx.api_view().index_name(name)))
+        {
             Ok(v) => {
                 let mut values: Vec<String> = v.into_iter().map(|(v, _)| v).collect();
                 values.sort();

@@ -1,8 +1,9 @@
 //! Label matchers (the four Prometheus types, regexes fully anchored), the series
 //! selector syntax of `match[]` (`metric{name="v", other=~"re"}`), and series selection
-//! over the store's postings.
+//! over the store's postings, where a matcher on `df_NAME` (the configured prefix)
+//! selects by the meta tag `NAME` ([`TagView`]).
 
-use crate::store::{Labels, Reader};
+use crate::store::{Labels, Reader, TAG_MARK};
 use regex::Regex;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,29 +51,85 @@ impl Matcher {
     }
 
     pub fn matches_labels(&self, labels: &Labels) -> bool {
+        self.matches_labels_named(labels, &self.name)
+    }
+
+    /// Whether the value of `name` in `labels` matches.
+    pub fn matches_labels_named(&self, labels: &Labels, name: &str) -> bool {
         let v = labels
             .iter()
-            .find(|(n, _)| *n == self.name)
+            .find(|(n, _)| n == name)
             .map_or("", |(_, v)| v.as_str());
         self.matches(v)
     }
 }
 
-/// The series matching every matcher, sorted by label set.
-pub fn select(r: &Reader, matchers: &[Matcher]) -> anyhow::Result<Vec<(u64, Labels)>> {
+/// How meta tags show in queries: a matcher on `prefix + NAME` filters by the tag
+/// `NAME`; with `tags_in_labels` the returned label sets carry the tags under the prefix
+/// too (an original label of the same name wins).
+#[derive(Clone, Copy, Debug)]
+pub struct TagView<'a> {
+    pub prefix: &'a str,
+    pub tags_in_labels: bool,
+}
+
+impl TagView<'_> {
+    /// The tag a label name stands for, if it has the prefix.
+    pub fn tag_name<'n>(&self, name: &'n str) -> Option<&'n str> {
+        name.strip_prefix(self.prefix)
+            .filter(|t| !self.prefix.is_empty() && !t.is_empty())
+    }
+
+    /// The name under which the postings index `name`.
+    pub fn index_name<'n>(&self, name: &'n str) -> std::borrow::Cow<'n, str> {
+        match self.tag_name(name) {
+            Some(t) => format!("{TAG_MARK}{t}").into(),
+            None => name.into(),
+        }
+    }
+
+    /// The name an index name is shown under.
+    pub fn shown_name(&self, index_name: &str) -> String {
+        match index_name.strip_prefix(TAG_MARK) {
+            Some(t) => format!("{}{t}", self.prefix),
+            None => index_name.to_string(),
+        }
+    }
+
+    /// `labels` plus `tags` under the prefix (originals win), sorted.
+    pub fn with_tags(&self, mut labels: Labels, tags: Labels) -> Labels {
+        for (n, v) in tags {
+            let n = format!("{}{n}", self.prefix);
+            if !labels.iter().any(|(ln, _)| *ln == n) {
+                labels.push((n, v));
+            }
+        }
+        labels.sort();
+        labels
+    }
+}
+
+/// The series matching every matcher, sorted by the label sets returned (original
+/// labels, plus the tags if `view.tags_in_labels`).
+pub fn select(
+    r: &Reader,
+    matchers: &[Matcher],
+    view: TagView<'_>,
+) -> anyhow::Result<Vec<(u64, Labels)>> {
     // Candidates from the matchers that need a non-empty value (they can use postings).
     let mut candidates: Option<Vec<u64>> = None;
     for m in matchers {
         if m.matches("") {
             continue;
         }
+        let name = view.index_name(&m.name);
         let ids = match m.kind {
-            MatchKind::Equal => r.postings(&m.name, &m.value)?,
+            MatchKind::Equal => r.postings(&name, &m.value)?,
             // `=~`, and `!=` / `!~` that do not match "" (the series must have the
             // label): the union of the postings of every value that matches.
             _ => {
                 let mut ids: Vec<u64> = r
-                    .values_of(&m.name)?
+                    .values_of(&name)?
                     .into_iter()
                     .filter(|(v, _)| m.matches(v))
                     .flat_map(|(_, ids)| ids)
@@ -94,13 +151,29 @@ pub fn select(r: &Reader, matchers: &[Matcher]) -> anyhow::Result<Vec<(u64, Labe
         Some(c) => c,
         None => r.all_series()?,
     };
+    let need_tags =
+        view.tags_in_labels || matchers.iter().any(|m| view.tag_name(&m.name).is_some());
     let mut out = Vec::with_capacity(ids.len());
     for sid in ids {
         let Some(labels) = r.labels(sid)? else {
             continue;
         };
-        if matchers.iter().all(|m| m.matches_labels(&labels)) {
-            out.push((sid, labels));
+        let tags = if need_tags {
+            r.tags(sid)?
+        } else {
+            Labels::new()
+        };
+        let ok = matchers.iter().all(|m| match view.tag_name(&m.name) {
+            Some(t) => m.matches_labels_named(&tags, t),
+            None => m.matches_labels(&labels),
+        });
+        if ok {
+            let shown = if view.tags_in_labels {
+                view.with_tags(labels, tags)
+            } else {
+                labels
+            };
+            out.push((sid, shown));
         }
     }
     out.sort_by(|a, b| a.1.cmp(&b.1));

@@ -13,7 +13,9 @@
 //! table        key                                  value
 //! series       labels (canonical encoding, below)   series id u64 (ids start at 1)
 //! labels       series id u64                        labels (canonical encoding)
-//! postings     lp(name) lp(value) sid(u64 BE)       ()          one per label pair per series
+//! postings     lp(name) lp(value) sid(u64 BE)       ()          one per label pair per series,
+//!                                                               and one per tag as lp("\0"+tag)
+//! tags         series id u64                        tags (canonical encoding): meta, agent, custom
 //! chunks       (partition i64, sid u64, min_t i64)  max_t i64 LE | XOR chunk bytes   (sealed)
 //! head         sid u64                              partition i64 LE | min_t i64 LE | XOR chunk
 //! histograms   (partition i64, sid u64, t i64)      remote_write 1.0 Histogram message (protobuf)
@@ -28,8 +30,11 @@
 //!
 //! ## Write path
 //!
-//! [`Store::apply`] takes one ship batch and, in one write transaction: interns new label
-//! sets (series, labels, postings), appends each sample to its series' open chunk (the
+//! [`Store::apply`] takes one ship batch and, in one write transaction: rebuilds each new
+//! series' labels from its app labels and its target's labels ([`ConnRefs`]), interns new
+//! label sets (series, labels, postings), stores the series' tags beside its labels
+//! (`tags` and tag postings; a series that comes back with other tags gets the new ones),
+//! appends each sample to its series' open chunk (the
 //! head, kept decoded in memory and written to `head` for every series the batch
 //! touched), seals a chunk into `chunks` when it holds 120 samples or the next sample
 //! falls in another partition, stores histograms, exemplars and metadata, and raises
@@ -72,6 +77,11 @@ const EXEMPLARS: TableDefinition<(i64, u64, i64), &[u8]> = TableDefinition::new(
 const METADATA: TableDefinition<&str, &[u8]> = TableDefinition::new("metadata");
 const APPLIED: TableDefinition<&str, u64> = TableDefinition::new("applied");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const TAGS: TableDefinition<u64, &[u8]> = TableDefinition::new("tags");
+
+/// Tag postings live in the postings table under the tag's name behind this byte (no
+/// label name contains NUL), so they never mix with label postings.
+pub const TAG_MARK: char = '\0';
 
 pub type Labels = Vec<(String, String)>;
 
@@ -229,6 +239,62 @@ pub enum Applied {
     Replay,
 }
 
+/// One ship connection's references: series refs to series ids, target refs to the
+/// target's labels and tags (`promgate_proto::ship::NewTarget`).
+#[derive(Default)]
+pub struct ConnRefs {
+    pub series: HashMap<u32, u64>,
+    pub targets: HashMap<u32, (Labels, Labels)>,
+}
+
+impl ConnRefs {
+    pub fn clear(&mut self) {
+        self.series.clear();
+        self.targets.clear();
+    }
+}
+
+fn pairs(l: &[promgate_proto::ship::ArchivedLabel]) -> Labels {
+    l.iter()
+        .map(|l| (l.name.to_string(), l.value.to_string()))
+        .collect()
+}
+
+/// A series' full label set from its app labels and target, checked: sorted, no name
+/// twice, a `__name__`.
+fn rejoin_series(
+    s: &promgate_proto::ship::ArchivedNewSeries,
+    target: &Labels,
+) -> Result<Vec<(String, String)>, ApplyError> {
+    let r = s.series_ref.to_native();
+    let mut out: Labels = pairs(&s.labels);
+    let mut absent = s.absent.iter().map(|a| a.to_native() as usize).peekable();
+    for (i, l) in target.iter().enumerate() {
+        if absent.next_if_eq(&i).is_some() {
+            continue;
+        }
+        out.push(l.clone());
+    }
+    if let Some(a) = absent.next() {
+        return Err(ApplyError::Batch(format!(
+            "series ref {r}: absent index {a} beyond its target's {} labels",
+            target.len()
+        )));
+    }
+    out.sort_unstable();
+    if out.windows(2).any(|w| w[0].0 == w[1].0) {
+        return Err(ApplyError::Batch(format!(
+            "series ref {r}: a label name appears in both its app and target labels"
+        )));
+    }
+    if !out.iter().any(|(n, _)| n == "__name__") {
+        return Err(ApplyError::Batch(format!(
+            "series ref {r}: no __name__ label"
+        )));
+    }
+    Ok(out)
+}
+
 pub fn applied_key(agent: &str, shard: u32) -> String {
     format!("{agent}\0{shard}")
 }
@@ -269,6 +335,7 @@ impl Store {
         tx.open_table(METADATA)?;
         tx.open_table(APPLIED)?;
         tx.open_table(META)?;
+        tx.open_table(TAGS)?;
         tx.commit()?;
         let store = Store {
             db: std::sync::RwLock::new(Some(db)),
@@ -381,11 +448,7 @@ impl Store {
 
     /// Stores one batch durably (see the module doc). `refs` maps this connection's
     /// series references to series ids and grows with the batch's new series.
-    pub fn apply(
-        &self,
-        b: &ArchivedShipBatch,
-        refs: &mut HashMap<u32, u64>,
-    ) -> Result<Applied, ApplyError> {
+    pub fn apply(&self, b: &ArchivedShipBatch, refs: &mut ConnRefs) -> Result<Applied, ApplyError> {
         let mut head = self.head.lock().expect("not poisoned");
         if head.stale {
             if self.db.read().expect("not poisoned").is_none() {
@@ -437,9 +500,9 @@ impl Store {
         &self,
         head: &mut Head,
         b: &ArchivedShipBatch,
-        refs: &mut HashMap<u32, u64>,
+        refs: &mut ConnRefs,
     ) -> Result<(), ApplyError> {
-        if b.new_series.is_empty() {
+        if b.new_series.is_empty() && b.new_targets.is_empty() {
             return Ok(());
         }
         let tx = self.begin_write()?;
@@ -458,18 +521,39 @@ impl Store {
         &self,
         tx: &redb::WriteTransaction,
         b: &ArchivedShipBatch,
-        refs: &mut HashMap<u32, u64>,
+        refs: &mut ConnRefs,
         next_sid: &mut u64,
     ) -> Result<(), ApplyError> {
         let mut series = tx.open_table(SERIES).map_err(storage)?;
         let mut labels_t = tx.open_table(LABELS).map_err(storage)?;
         let mut postings = tx.open_table(POSTINGS).map_err(storage)?;
+        let mut tags_t = tx.open_table(TAGS).map_err(storage)?;
+        for t in b.new_targets.iter() {
+            refs.targets
+                .insert(t.target_ref.to_native(), (pairs(&t.labels), pairs(&t.tags)));
+        }
         let mut key = Vec::new();
+        let mut tag_key = Vec::new();
         for s in b.new_series.iter() {
+            let tr = s.target_ref.to_native();
+            let (target, tags) = refs.targets.get(&tr).ok_or_else(|| {
+                ApplyError::Batch(format!(
+                    "series ref {} refers to unknown target ref {tr}",
+                    s.series_ref
+                ))
+            })?;
+            let labels = rejoin_series(s, target)?;
             encode_labels(
-                s.labels.iter().map(|l| (l.name.as_str(), l.value.as_str())),
+                labels.iter().map(|(n, v)| (n.as_str(), v.as_str())),
                 &mut key,
             );
+            // Originals win: a tag named like one of the series' labels is left out.
+            let kept = tags.iter().filter(|(n, _)| {
+                labels
+                    .binary_search_by(|(ln, _)| ln.as_str().cmp(n))
+                    .is_err()
+            });
+            encode_labels(kept.map(|(n, v)| (n.as_str(), v.as_str())), &mut tag_key);
             let existing = series
                 .get(key.as_slice())
                 .map_err(storage)?
@@ -481,8 +565,8 @@ impl Store {
                     *next_sid += 1;
                     series.insert(key.as_slice(), sid).map_err(storage)?;
                     labels_t.insert(sid, key.as_slice()).map_err(storage)?;
-                    for l in s.labels.iter() {
-                        let mut p = postings_pair_prefix(&l.name, &l.value);
+                    for (n, v) in &labels {
+                        let mut p = postings_pair_prefix(n, v);
                         p.extend_from_slice(&sid.to_be_bytes());
                         postings.insert(p.as_slice(), ()).map_err(storage)?;
                     }
@@ -490,7 +574,29 @@ impl Store {
                     sid
                 }
             };
-            refs.insert(s.series_ref.to_native(), sid);
+            let old = tags_t
+                .get(sid)
+                .map_err(storage)?
+                .map(|v| v.value().to_vec());
+            if old.as_deref() != Some(tag_key.as_slice()) {
+                let tag_posting = |n: &str, v: &str| {
+                    let mut p = postings_pair_prefix(&format!("{TAG_MARK}{n}"), v);
+                    p.extend_from_slice(&sid.to_be_bytes());
+                    p
+                };
+                for (n, v) in decode_labels(old.as_deref().unwrap_or_default()) {
+                    postings
+                        .remove(tag_posting(&n, &v).as_slice())
+                        .map_err(storage)?;
+                }
+                for (n, v) in decode_labels(&tag_key) {
+                    postings
+                        .insert(tag_posting(&n, &v).as_slice(), ())
+                        .map_err(storage)?;
+                }
+                tags_t.insert(sid, tag_key.as_slice()).map_err(storage)?;
+            }
+            refs.series.insert(s.series_ref.to_native(), sid);
         }
         Ok(())
     }
@@ -499,7 +605,7 @@ impl Store {
         &self,
         head: &mut Head,
         b: &ArchivedShipBatch,
-        refs: &mut HashMap<u32, u64>,
+        refs: &mut ConnRefs,
         applied_key: &str,
         last: u64,
     ) -> Result<u64, ApplyError> {
@@ -507,7 +613,7 @@ impl Store {
         let mut next_sid = head.next_sid;
         self.intern(&tx, b, refs, &mut next_sid)?;
         let sid_of = |r: u32| {
-            refs.get(&r).copied().ok_or_else(|| {
+            refs.series.get(&r).copied().ok_or_else(|| {
                 ApplyError::Batch(format!("sample refers to unknown series ref {r}"))
             })
         };
@@ -730,6 +836,16 @@ impl Reader {
             .open_table(LABELS)?
             .get(sid)?
             .map(|v| decode_labels(v.value())))
+    }
+
+    /// The series' tags (meta, agent, custom; names without prefix), sorted by name.
+    pub fn tags(&self, sid: u64) -> anyhow::Result<Labels> {
+        Ok(self
+            .tx
+            .open_table(TAGS)?
+            .get(sid)?
+            .map(|v| decode_labels(v.value()))
+            .unwrap_or_default())
     }
 
     /// Every series id.

@@ -2,11 +2,16 @@
 //! samples, chunk sealing, recovery of the head after reopening, retention, and
 //! series selection with all four matcher types.
 
-use hashbrown::HashMap;
-use promgate_proto::ship::{self, ArchivedShipBatch, Label, NewSeries, ShipBatch};
+use promgate_proto::ship::{self, ArchivedShipBatch, Label, NewSeries, NewTarget, ShipBatch};
 use promgate_proto::xor;
-use promgate_server::select::{select, MatchKind, Matcher};
-use promgate_server::store::{Applied, ApplyError, Store, PARTITION_MS};
+use promgate_server::select::{select, MatchKind, Matcher, TagView};
+use promgate_server::store::{Applied, ApplyError, ConnRefs, Store, PARTITION_MS};
+
+/// Queries as remote_read sees them by default: original labels only.
+const VIEW: TagView = TagView {
+    prefix: "df_",
+    tags_in_labels: false,
+};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -32,10 +37,22 @@ fn batch(
         shard: 0,
         first_seq: first,
         last_seq: last,
+        // One target with no labels and no tags: these tests are about samples.
+        new_targets: if series.is_empty() {
+            vec![]
+        } else {
+            vec![NewTarget {
+                target_ref: 0,
+                labels: vec![],
+                tags: vec![],
+            }]
+        },
         new_series: series
             .iter()
             .map(|(r, l)| NewSeries {
                 series_ref: *r,
+                target_ref: 0,
+                absent: vec![],
                 labels: labels(l),
             })
             .collect(),
@@ -46,11 +63,7 @@ fn batch(
     }
 }
 
-fn apply(
-    store: &Store,
-    b: &ShipBatch,
-    refs: &mut HashMap<u32, u64>,
-) -> Result<Applied, ApplyError> {
+fn apply(store: &Store, b: &ShipBatch, refs: &mut ConnRefs) -> Result<Applied, ApplyError> {
     let bytes = ship::archive(b);
     let a = ship::access::<ArchivedShipBatch>(&bytes).unwrap();
     ship::check_batch(a).unwrap();
@@ -61,7 +74,7 @@ fn apply(
 fn read(store: &Store, name: &str) -> Vec<(i64, u64)> {
     let r = store.reader().unwrap();
     let m = [Matcher::new(MatchKind::Equal, "__name__", name).unwrap()];
-    let found = select(&r, &m).unwrap();
+    let found = select(&r, &m, VIEW).unwrap();
     assert!(found.len() <= 1);
     let Some((sid, _)) = found.first() else {
         return Vec::new();
@@ -89,7 +102,7 @@ const STALE: u64 = 0x7ff0_0000_0000_0002;
 fn a_replayed_batch_is_skipped_and_overlaps_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
-    let mut refs = HashMap::new();
+    let mut refs = ConnRefs::default();
     let b1 = batch(
         1,
         3,
@@ -102,7 +115,7 @@ fn a_replayed_batch_is_skipped_and_overlaps_are_refused() {
     );
     assert_eq!(store.applied_seq("agent-a", 0), 3);
     // The same batch again (the ack was lost): nothing is stored twice.
-    let mut refs2 = HashMap::new();
+    let mut refs2 = ConnRefs::default();
     assert_eq!(apply(&store, &b1, &mut refs2).unwrap(), Applied::Replay);
     assert_eq!(
         read(&store, "up"),
@@ -122,7 +135,7 @@ fn a_replayed_batch_is_skipped_and_overlaps_are_refused() {
     // Another shard of the same agent has its own ledger.
     let mut b4 = batch(1, 1, &[(7, UP)], &[(7, 5000, 5f64.to_bits())]);
     b4.shard = 1;
-    apply(&store, &b4, &mut HashMap::new()).unwrap();
+    apply(&store, &b4, &mut ConnRefs::default()).unwrap();
     assert_eq!(store.applied_seq("agent-a", 1), 1);
     assert_eq!(read(&store, "up").last(), Some(&(5000, 5f64.to_bits())));
 }
@@ -131,7 +144,7 @@ fn a_replayed_batch_is_skipped_and_overlaps_are_refused() {
 fn duplicates_and_out_of_order_samples_are_counted_not_stored() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
-    let mut refs = HashMap::new();
+    let mut refs = ConnRefs::default();
     let b = batch(
         1,
         1,
@@ -176,7 +189,7 @@ fn chunks_seal_at_120_samples_and_partition_edges_and_survive_reopening() {
     let mut want: Vec<(i64, u64)>;
     {
         let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
-        let mut refs = HashMap::new();
+        let mut refs = ConnRefs::default();
         let base = 100 * PARTITION_MS;
         // 300 samples 15 s apart, starting 50 samples before a partition edge: the edge
         // cuts one chunk, and the 120-sample limit cuts two more after it.
@@ -195,6 +208,7 @@ fn chunks_seal_at_120_samples_and_partition_edges_and_survive_reopening() {
         let sid = select(
             &r,
             &[Matcher::new(MatchKind::Equal, "job", "node").unwrap()],
+            VIEW,
         )
         .unwrap()[0]
             .0;
@@ -212,7 +226,7 @@ fn chunks_seal_at_120_samples_and_partition_edges_and_survive_reopening() {
     assert_eq!(store.applied_seq("agent-a", 0), 5);
     assert_eq!(read(&store, "up"), want);
     let t = want.last().unwrap().0 + 15_000;
-    let mut refs = HashMap::new();
+    let mut refs = ConnRefs::default();
     apply(
         &store,
         &batch(6, 6, &[(3, UP)], &[(3, t, STALE)]),
@@ -227,7 +241,7 @@ fn chunks_seal_at_120_samples_and_partition_edges_and_survive_reopening() {
 fn retention_deletes_whole_old_partitions() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), DAY_MS).unwrap();
-    let mut refs = HashMap::new();
+    let mut refs = ConnRefs::default();
     let now = 1_000 * PARTITION_MS;
     let old = now - 3 * DAY_MS;
     let recent = now - 3_600_000;
@@ -255,7 +269,7 @@ fn retention_deletes_whole_old_partitions() {
 fn selection_supports_all_matcher_types_and_sorts_series() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
-    let mut refs = HashMap::new();
+    let mut refs = ConnRefs::default();
     let series: Vec<(u32, &[(&str, &str)])> = vec![
         (0, &[("__name__", "m"), ("job", "b")]),
         (1, &[("__name__", "m"), ("job", "a")]),
@@ -271,7 +285,7 @@ fn selection_supports_all_matcher_types_and_sorts_series() {
             .iter()
             .map(|(k, n, v)| Matcher::new(*k, n, v).unwrap())
             .collect();
-        select(&r, &ms)
+        select(&r, &ms, VIEW)
             .unwrap()
             .into_iter()
             .map(|(_, l)| {
@@ -313,4 +327,154 @@ fn selection_supports_all_matcher_types_and_sorts_series() {
         jobs(&[(Equal, "job", "a")]),
         vec!["__name__=m,job=a", "__name__=n,job=a"]
     );
+}
+
+/// Series arrive as app labels plus a target: the store rebuilds the exact label set,
+/// keeps the target's tags beside it (originals win a clash), and `df_` matchers select
+/// by tag while the returned labels stay the original ones unless asked for.
+#[test]
+fn targets_rejoin_labels_and_tags_sit_beside_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    let mut refs = ConnRefs::default();
+    fn t<'a>(n: &'a str, v: &'a str) -> (&'a str, &'a str) {
+        (n, v)
+    }
+    let b = ShipBatch {
+        agent: "agent-a".into(),
+        first_seq: 1,
+        last_seq: 1,
+        new_targets: vec![
+            NewTarget {
+                target_ref: 0,
+                labels: labels(&[
+                    t("instance", "10.0.0.9:80"),
+                    t("job", "api"),
+                    t("zone", "b"),
+                ]),
+                tags: labels(&[t("agent", "a1"), t("pod", "api-1"), t("region", "eu")]),
+            },
+            NewTarget {
+                target_ref: 1,
+                labels: vec![],
+                tags: labels(&[t("agent", "a1")]),
+            },
+        ],
+        new_series: vec![
+            NewSeries {
+                series_ref: 0,
+                target_ref: 0,
+                absent: vec![],
+                labels: labels(&[t("__name__", "reqs"), t("code", "200")]),
+            },
+            // honor_labels: its own zone, and a `pod` label of its own (which wins).
+            NewSeries {
+                series_ref: 1,
+                target_ref: 0,
+                absent: vec![2],
+                labels: labels(&[t("__name__", "reqs"), t("pod", "mine"), t("zone", "a")]),
+            },
+            NewSeries {
+                series_ref: 2,
+                target_ref: 1,
+                absent: vec![],
+                labels: labels(&[t("__name__", "orphan")]),
+            },
+        ],
+        sample_refs: vec![0, 1, 2],
+        sample_ts: vec![1000, 1000, 1000],
+        sample_values: vec![0, 0, 0],
+        ..Default::default()
+    };
+    apply(&store, &b, &mut refs).unwrap();
+    let r = store.reader().unwrap();
+    let q = |ms: &[(MatchKind, &str, &str)], view: TagView| -> Vec<String> {
+        let ms: Vec<Matcher> = ms
+            .iter()
+            .map(|(k, n, v)| Matcher::new(*k, n, v).unwrap())
+            .collect();
+        select(&r, &ms, view)
+            .unwrap()
+            .into_iter()
+            .map(|(_, l)| {
+                l.iter()
+                    .map(|(n, v)| format!("{n}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect()
+    };
+    use MatchKind::*;
+    assert_eq!(
+        q(&[(Equal, "__name__", "reqs")], VIEW),
+        vec![
+            "__name__=reqs,code=200,instance=10.0.0.9:80,job=api,zone=b",
+            "__name__=reqs,instance=10.0.0.9:80,job=api,pod=mine,zone=a",
+        ]
+    );
+    // Tags select, and the original `pod` label shadows the tag on series 1.
+    assert_eq!(
+        q(&[(Equal, "df_pod", "api-1")], VIEW),
+        vec!["__name__=reqs,code=200,instance=10.0.0.9:80,job=api,zone=b"]
+    );
+    assert_eq!(q(&[(Regex, "df_region", "e.")], VIEW).len(), 2);
+    assert_eq!(q(&[(Equal, "df_agent", "a1")], VIEW).len(), 3);
+    assert_eq!(
+        q(
+            &[(Equal, "__name__", "orphan"), (Equal, "df_region", "")],
+            VIEW
+        )
+        .len(),
+        1,
+        "a series of no known target has no region tag"
+    );
+    let with_tags = TagView {
+        prefix: "df_",
+        tags_in_labels: true,
+    };
+    assert_eq!(
+        q(&[(Equal, "__name__", "orphan")], with_tags),
+        vec!["__name__=orphan,df_agent=a1"]
+    );
+    assert_eq!(r.tags(1).unwrap().len(), 3);
+    drop(r);
+
+    // A series that comes back (new connection) with other tags gets the new ones.
+    let mut refs = ConnRefs::default();
+    let mut b2 = b.clone();
+    b2.first_seq = 2;
+    b2.last_seq = 2;
+    b2.new_targets[1].tags = labels(&[t("agent", "a2")]);
+    b2.sample_ts = vec![2000, 2000, 2000];
+    apply(&store, &b2, &mut refs).unwrap();
+    let r = store.reader().unwrap();
+    let n = |name: &str, value: &str| {
+        select(&r, &[Matcher::new(Equal, name, value).unwrap()], VIEW)
+            .unwrap()
+            .len()
+    };
+    assert_eq!((n("df_agent", "a1"), n("df_agent", "a2")), (2, 1));
+    assert_eq!(n("__name__", "orphan"), 1, "still one series");
+    drop(r);
+
+    // Inconsistent references are refused, and nothing of the batch is stored.
+    let mut bad = b.clone();
+    bad.first_seq = 3;
+    bad.last_seq = 3;
+    bad.new_series[0].target_ref = 9;
+    let e = apply(&store, &bad, &mut ConnRefs::default()).unwrap_err();
+    assert!(e.to_string().contains("unknown target ref 9"), "{e}");
+    let mut bad = b.clone();
+    bad.first_seq = 3;
+    bad.last_seq = 3;
+    bad.new_series[0].labels = labels(&[t("__name__", "reqs"), t("zone", "c")]);
+    let e = apply(&store, &bad, &mut ConnRefs::default()).unwrap_err();
+    assert!(e.to_string().contains("both its app and target"), "{e}");
+    let mut bad = b.clone();
+    bad.first_seq = 3;
+    bad.last_seq = 3;
+    bad.new_series[0].absent = vec![3];
+    let e = apply(&store, &bad, &mut ConnRefs::default()).unwrap_err();
+    assert!(e.to_string().contains("absent index 3"), "{e}");
+    assert_eq!(store.applied_seq("agent-a", 0), 2);
 }

@@ -1,23 +1,34 @@
-//! Enrichment of one series from the target-label snapshot: a pure function of the
-//! series' labels, the [`Snapshot`] and the [`EnrichConfig`], so it is tested
-//! exhaustively without a runtime.
+//! Enrichment: each series gets **meta tags** from its target in the target-label
+//! snapshot, the agent's own tags and **custom tags**, and its labels are split into
+//! **target labels** (shared by every series of its target, so they cross the ship link
+//! once per target) and **app labels**.
 //!
-//! For each series:
-//! - its target is found by its `job` and `instance` labels;
-//! - **meta tags** come from the target through [`MetaRule`]s (defaults:
-//!   [`EnrichConfig::default_rules`]), plus the agent's own `agent` and `agent_host`;
-//! - **custom tags** come from the configuration;
-//! - its labels are split into **target labels** (pairs the target itself has, shared by
-//!   every series of the target, so they can cross the wire once per target) and **app
-//!   labels** (the rest); [`rejoin`] gives back the original set exactly.
+//! The rules, as pure functions of (labels, snapshot, config), tested without a runtime:
+//! - a series' target is found by its `job` and `instance` labels ([`enrich`]);
+//! - a target's tags ([`target_tags`]) are its meta tags through the [`MetaRule`]s
+//!   (defaults: [`EnrichConfig::default_rules`]), then `agent` and `agent_host`, then
+//!   the custom tags; the first tag of a name wins, empty values are left out. They are
+//!   computed once per snapshot, not per series;
+//! - a series with no known target gets the agent and custom tags only ([`base_tags`]);
+//! - a tag never overwrites an original label: on a name clash the tag is dropped (the
+//!   original wins) and counted;
+//! - [`split`] divides a series' labels into the target's pairs it carries and its app
+//!   labels, and names the target's labels it does not carry (`honor_labels` can make a
+//!   series override one); [`rejoin`] gives back the original set exactly.
 //!
-//! A tag never overwrites an original label: on a name clash the tag is dropped and
-//! counted. Series with no known target keep the agent and custom tags only.
-//!
-//! Status: the function and its tests are here; calling it between decode and WAL and
-//! carrying its result on the ship link are the next step of issue 5.
+//! On the receive path, [`Enricher::section`] runs between decode and WAL: one atomic
+//! load of the snapshot per request, then per series a label scan for `job` and
+//! `instance`, one borrowed hash lookup (skipped when the series has the same target as
+//! the one before), and a merge walk for clashes. It writes the distinct targets of the
+//! request, with their labels and tags, into the WAL record (`wal::format`), so the
+//! shipper later ships exactly the tags the request was acknowledged with.
 
-use crate::snapshot::{Snapshot, Target};
+use crate::snapshot::{Labels, Snapshot, SnapshotCell, Target};
+use crate::wal::format::{put_pairs, put_target};
+use promgate_proto::Decoded;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// Where a meta tag's value comes from.
@@ -37,7 +48,7 @@ pub struct MetaRule {
     pub source: Source,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct EnrichConfig {
     pub rules: Vec<MetaRule>,
     /// `[enrich.custom_tags]`, sorted by name.
@@ -78,9 +89,9 @@ impl EnrichConfig {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SeriesTags {
     pub target: Option<Arc<Target>>,
-    /// Indexes into `target.labels` of the pairs this series carries (ascending).
-    pub target_labels: Vec<u16>,
-    /// Indexes into the series' labels of the others (ascending).
+    /// Indexes into `target.labels` of the pairs this series does not carry (ascending).
+    pub absent: Vec<u16>,
+    /// Indexes into the series' labels of its app labels (ascending).
     pub app_labels: Vec<u16>,
     /// Meta, agent and custom tags, sorted by name, none named like an original label.
     pub tags: Vec<(String, String)>,
@@ -108,6 +119,92 @@ fn value_of<'a>(labels: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// The tags of a target's series (before clashes with a series' own labels are taken
+/// out): its meta tags, then the agent's, then the custom tags; the first of a name
+/// wins; sorted by name. `None`: the tags of series with no known target.
+pub fn target_tags(target: Option<&Target>, cfg: &EnrichConfig) -> Labels {
+    let mut tags: Labels = Vec::new();
+    if let Some(t) = target {
+        for r in &cfg.rules {
+            let v = match &r.source {
+                Source::Discovered(name) => value_of(&t.discovered, name),
+                Source::TargetLabel(name) => value_of(&t.labels, name),
+                Source::InstanceHost => Some(instance_host(&t.instance)),
+            };
+            if let Some(v) = v {
+                tags.push((r.tag.clone(), v.to_string()));
+            }
+        }
+    }
+    tags.push(("agent".into(), cfg.agent.clone()));
+    tags.push(("agent_host".into(), cfg.agent_host.clone()));
+    tags.extend(cfg.custom_tags.iter().cloned());
+    merge_tags(tags, &[])
+}
+
+/// `first` then `more`, the first tag of each name kept, empty values dropped, sorted.
+pub fn merge_tags(first: Labels, more: &[(&str, &str)]) -> Labels {
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Labels = first
+        .into_iter()
+        .chain(more.iter().map(|(n, v)| (n.to_string(), v.to_string())))
+        .filter(|(n, v)| !v.is_empty() && seen.insert(n.clone()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// The tags of series with no known target.
+pub fn base_tags(cfg: &EnrichConfig) -> Labels {
+    target_tags(None, cfg)
+}
+
+/// How many of `tags` (sorted by name) are named like one of `labels` (sorted by name).
+pub fn count_clashes<'a>(
+    labels: impl Iterator<Item = &'a str>,
+    tags: impl Iterator<Item = &'a str>,
+) -> u32 {
+    let mut labels = labels.peekable();
+    let mut n = 0;
+    for t in tags {
+        while labels.next_if(|l| *l < t).is_some() {}
+        if labels.peek() == Some(&t) {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Splits a series' labels (sorted by name) against its target's labels (sorted by
+/// name): pushes onto `absent` the indexes of target labels the series does not carry
+/// with the same value, and onto `app` the indexes of the series' labels that are not
+/// target pairs.
+pub fn split<'a, N: AsRef<str> + 'a>(
+    labels: &[(&'a str, &'a str)],
+    target: impl Iterator<Item = (N, N)>,
+    absent: &mut Vec<u16>,
+    app: &mut Vec<u16>,
+) {
+    let mut i = 0;
+    for (j, (tn, tv)) in target.enumerate() {
+        let (tn, tv) = (tn.as_ref(), tv.as_ref());
+        while i < labels.len() && labels[i].0 < tn {
+            app.push(i as u16);
+            i += 1;
+        }
+        if i < labels.len() && labels[i].0 == tn {
+            if labels[i].1 == tv {
+                i += 1;
+                continue;
+            }
+            app.push(i as u16);
+            i += 1;
+        }
+        absent.push(j as u16);
+    }
+    app.extend((i..labels.len()).map(|i| i as u16));
+}
+
 /// Enriches one series (labels sorted by name, as remote_write requires).
 pub fn enrich(labels: &[(&str, &str)], snapshot: &Snapshot, cfg: &EnrichConfig) -> SeriesTags {
     let mut out = SeriesTags::default();
@@ -116,61 +213,142 @@ pub fn enrich(labels: &[(&str, &str)], snapshot: &Snapshot, cfg: &EnrichConfig) 
         (Some(job), Some(instance)) => snapshot.target(job, instance).cloned(),
         _ => None,
     };
-    let mut tags: Vec<(String, String)> = Vec::new();
-    if let Some(t) = &target {
-        for (i, (n, v)) in labels.iter().enumerate() {
-            match t.labels.iter().position(|(tn, tv)| tn == n && tv == v) {
-                Some(j) => out.target_labels.push(j as u16),
-                None => out.app_labels.push(i as u16),
-            }
-        }
-        out.target_labels.sort_unstable();
-        for r in &cfg.rules {
-            let v = match &r.source {
-                Source::Discovered(name) => value_of(&t.discovered, name),
-                Source::TargetLabel(name) => value_of(&t.labels, name),
-                Source::InstanceHost => Some(instance_host(&t.instance)),
-            };
-            if let Some(v) = v.filter(|v| !v.is_empty()) {
-                tags.push((r.tag.clone(), v.to_string()));
-            }
-        }
-    } else {
-        out.app_labels = (0..labels.len() as u16).collect();
+    match &target {
+        Some(t) => split(
+            labels,
+            t.labels.iter().map(|(n, v)| (n, v)),
+            &mut out.absent,
+            &mut out.app_labels,
+        ),
+        None => out.app_labels = (0..labels.len() as u16).collect(),
     }
-    tags.push(("agent".into(), cfg.agent.clone()));
-    tags.push(("agent_host".into(), cfg.agent_host.clone()));
-    tags.extend(cfg.custom_tags.iter().cloned());
-    // Originals win; among tags, the first rule for a name wins.
-    let mut seen = std::collections::HashSet::new();
-    for (n, v) in tags {
-        if v.is_empty() || !seen.insert(n.clone()) {
-            continue;
-        }
+    for (n, v) in target_tags(target.as_deref(), cfg) {
         if get(&n).is_some() {
             out.clashes += 1;
-            continue;
+        } else {
+            out.tags.push((n, v));
         }
-        out.tags.push((n, v));
     }
-    out.tags.sort();
     out.target = target;
     out
 }
 
-/// The original label set from a split: the target's pairs and the app labels, merged
-/// in name order.
-pub fn rejoin(
-    target: Option<&Target>,
-    target_labels: &[u16],
-    app: &[(String, String)],
-) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = app.to_vec();
+/// The original label set from a split: the target's labels except `absent`, and the
+/// app labels, merged in name order.
+pub fn rejoin(target: Option<&Target>, absent: &[u16], app: &[(String, String)]) -> Labels {
+    let mut out: Labels = app.to_vec();
     if let Some(t) = target {
-        out.extend(target_labels.iter().map(|&i| t.labels[i as usize].clone()));
+        out.extend(
+            t.labels
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| absent.binary_search(&(*i as u16)).is_err())
+                .map(|(_, l)| l.clone()),
+        );
     }
     out.sort();
     out
+}
+
+/// Enrichment telemetry of one shard: counts of series (one per series per request).
+#[derive(Default)]
+pub struct EnrichMetrics {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub clashes: AtomicU64,
+}
+
+/// One shard's enricher (not shared across threads).
+pub struct Enricher {
+    cell: Arc<SnapshotCell>,
+    base: Labels,
+    /// Targets of the current request: pointer → whether already written.
+    seen: RefCell<HashMap<*const Target, ()>>,
+    list: RefCell<Vec<Arc<Target>>>,
+}
+
+impl Enricher {
+    pub fn new(cell: Arc<SnapshotCell>, cfg: &EnrichConfig) -> Self {
+        Enricher {
+            cell,
+            base: base_tags(cfg),
+            seen: RefCell::default(),
+            list: RefCell::default(),
+        }
+    }
+
+    /// Enriches every series of a request against the current snapshot and writes the
+    /// enrichment section of its WAL record (`wal::format`) into `out`. `header_tags`
+    /// are the tags taken from the request's headers, sorted by name.
+    pub fn section(
+        &self,
+        d: &Decoded<'_>,
+        header_tags: &[(&str, &str)],
+        metrics: &EnrichMetrics,
+        out: &mut Vec<u8>,
+    ) {
+        let snapshot = self.cell.load();
+        let mut seen = self.seen.borrow_mut();
+        let mut list = self.list.borrow_mut();
+        seen.clear();
+        list.clear();
+        let (mut hits, mut misses, mut clashes) = (0u64, 0u64, 0u64);
+        let mut last: Option<(&str, &str, Option<Arc<Target>>)> = None;
+        for s in &d.batch.series {
+            let (mut job, mut instance) = (None, None);
+            for (n, v) in d.labels(s.labels) {
+                match n {
+                    "instance" => instance = Some(v),
+                    "job" => {
+                        job = Some(v);
+                        break; // names are sorted: `instance` came before
+                    }
+                    _ if n > "job" => break,
+                    _ => {}
+                }
+            }
+            let target = match (job, instance) {
+                _ if snapshot.is_empty() => None,
+                (Some(j), Some(i)) => match &last {
+                    Some((lj, li, t)) if *lj == j && *li == i => t.clone(),
+                    _ => {
+                        let t = snapshot.target(j, i).cloned();
+                        last = Some((j, i, t.clone()));
+                        t
+                    }
+                },
+                _ => None,
+            };
+            let names = d.labels(s.labels).map(|(n, _)| n);
+            let tags = match &target {
+                Some(t) => {
+                    hits += 1;
+                    if seen.insert(Arc::as_ptr(t), ()).is_none() {
+                        list.push(t.clone());
+                    }
+                    &t.tags
+                }
+                None => {
+                    misses += 1;
+                    &self.base
+                }
+            };
+            clashes += u64::from(count_clashes(names, tags.iter().map(|(n, _)| n.as_str())));
+            if !header_tags.is_empty() {
+                let names = d.labels(s.labels).map(|(n, _)| n);
+                clashes += u64::from(count_clashes(names, header_tags.iter().map(|(n, _)| *n)));
+            }
+        }
+        put_pairs(out, self.base.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        put_pairs(out, header_tags.iter().copied());
+        out.extend_from_slice(&(list.len() as u32).to_le_bytes());
+        for t in list.iter() {
+            put_target(out, &t.job, &t.instance, &t.labels, &t.tags);
+        }
+        metrics.hits.fetch_add(hits, Relaxed);
+        metrics.misses.fetch_add(misses, Relaxed);
+        metrics.clashes.fetch_add(clashes, Relaxed);
+    }
 }
 
 #[cfg(test)]
@@ -206,6 +384,7 @@ mod tests {
             scrape_pool: job.into(),
             scrape_interval_ms: 15_000,
             honor_labels: false,
+            tags: Labels::new(),
         }
     }
 
@@ -214,6 +393,7 @@ mod tests {
         let s = merge(
             1,
             &[vec![target("api", "10.1.2.3:8080", &[("cluster", "c1")])]],
+            &cfg(),
         );
         let labels = [
             ("__name__", "up"),
@@ -237,12 +417,12 @@ mod tests {
         );
         assert_eq!(t.clashes, 1, "`pod` is an original label: it wins");
         assert!(t.tags.contains(&("host".into(), "10.1.2.3".into())));
+        assert_eq!(t.absent, vec![0], "the series does not carry cluster");
         assert_eq!(
-            t.target_labels,
-            vec![1, 2],
+            t.app_labels,
+            vec![0, 3],
             "instance and job are target pairs"
         );
-        assert_eq!(t.app_labels, vec![0, 3]);
         // No target: agent and custom tags only.
         let t = enrich(&[("__name__", "x"), ("job", "nope")], &s, &cfg());
         assert!(t.target.is_none());
@@ -284,14 +464,14 @@ mod tests {
                 .map(|(n, v)| (n.as_str(), v.as_str()))
                 .collect();
             let t = target(if known { "j" } else { "other" }, "h:1", &extra);
-            let s = merge(1, &[vec![t]]);
+            let s = merge(1, &[vec![t]], &cfg());
             let borrowed: Vec<(&str, &str)> =
                 series.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
             let tags = enrich(&borrowed, &s, &cfg());
             prop_assert_eq!(tags.target.is_some(), known);
             let app: Vec<(String, String)> =
                 tags.app_labels.iter().map(|&i| series[i as usize].clone()).collect();
-            prop_assert_eq!(rejoin(tags.target.as_deref(), &tags.target_labels, &app), series.clone());
+            prop_assert_eq!(rejoin(tags.target.as_deref(), &tags.absent, &app), series.clone());
             for (n, _) in &tags.tags {
                 prop_assert!(!series.iter().any(|(sn, _)| sn == n), "tag {} shadows a label", n);
             }

@@ -164,6 +164,7 @@ pub struct ShardMetrics {
     pub connections_rejected: AtomicU64,
     pub wal: WalMetrics,
     pub ship: ShipMetrics,
+    pub enrich: crate::enrich::EnrichMetrics,
 }
 
 impl Default for ShardMetrics {
@@ -185,6 +186,7 @@ impl Default for ShardMetrics {
             connections_rejected: AtomicU64::new(0),
             wal: WalMetrics::default(),
             ship: ShipMetrics::default(),
+            enrich: Default::default(),
         }
     }
 }
@@ -361,6 +363,26 @@ pub fn render(shards: &[ShardMetrics], out: &mut String) {
     );
     render_wal(shards, out);
     render_ship(shards, out);
+    let counters: [(&str, &str, Getter); 3] = [
+        (
+            "promgate_agent_enrich_hits_total",
+            "Series (one per series per request) whose target was found in the snapshot.",
+            |m| &m.enrich.hits,
+        ),
+        (
+            "promgate_agent_enrich_misses_total",
+            "Series (one per series per request) with no known target: agent and custom tags only.",
+            |m| &m.enrich.misses,
+        ),
+        (
+            "promgate_agent_enrich_clashes_total",
+            "Tags not given to a series because it has a label of that name (the original wins).",
+            |m| &m.enrich.clashes,
+        ),
+    ];
+    for (name, help, get) in counters {
+        per_shard(out, name, "counter", help, shards, get);
+    }
     render_snapshot(out);
     process(out);
 }
@@ -527,6 +549,15 @@ fn render_snapshot(out: &mut String) {
     for (name, help, v) in gauges {
         family(out, name, "gauge", help);
         let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+    }
+    let last = m.last_success_ms.load(Relaxed);
+    if last > 0 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let name = "promgate_agent_snapshot_age_seconds";
+        family(out, name, "gauge", "Seconds since every address last answered (how old the snapshot's oldest part may be).");
+        let _ = writeln!(out, "{name} {:.3}", now.saturating_sub(last) as f64 / 1e3);
     }
     let name = "promgate_agent_snapshot_sync_errors_total";
     family(out, name, "counter", "Failed syncs, per polled Prometheus.");

@@ -436,6 +436,7 @@ impl<S: Sink> Conn<S> {
                     batch: &self.batch,
                     body: raw,
                 },
+                header_tags: &[],
             };
             ctx.sink.write(accepted).await
         };

@@ -9,15 +9,17 @@
 //! - **Stop-and-wait with adaptive batches.** One batch is in flight; everything that
 //!   became durable meanwhile goes into the next one (up to `batch_samples_max`), so
 //!   batches grow with the load and the per-batch commit cost on the server is shared.
-//! - **Series interning.** A label set is sent once per connection with a `u32`
-//!   reference; samples carry only the reference.
+//! - **Series and target interning.** A series' app labels are sent once per connection
+//!   with a `u32` reference, its target's labels and tags once per connection for all
+//!   the target's series (`ship.split_target_labels`); samples carry only the series'
+//!   reference. A series keeps the tags it was first shipped with on a connection.
 //! - **Back-off.** A failed connect, an I/O error, a timeout or an error frame closes the
 //!   connection and retries after a capped, jittered exponential delay. Meanwhile the
 //!   receive path is untouched: the WAL absorbs the difference until its budget, then the
 //!   receiver answers 503 with `Retry-After`.
 
 use crate::metrics::ShardMetrics;
-use crate::wal::format::{RemoteWritePayload, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
+use crate::wal::format::{Enrichment, RemoteWritePayload, KIND_REMOTE_WRITE};
 use crate::wal::storage::Storage;
 use crate::wal::Wal;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -25,7 +27,7 @@ use promgate_proto::batch::Count;
 use promgate_proto::messages::{self, histogram as ph};
 use promgate_proto::ship::{
     self, ArchivedAck, ArchivedShipError, ArchivedWelcome, ExemplarSample, HistogramSample, Label,
-    MetadataEntry, NewSeries, ShipBatch,
+    MetadataEntry, NewSeries, NewTarget, ShipBatch,
 };
 use promgate_proto::{decode, Batch, Decoded, Limits, Protocol, RejectCounts};
 use rkyv::util::AlignedVec;
@@ -49,6 +51,8 @@ pub struct ShipConfig {
     pub backoff_max: Duration,
     /// How long to wait for the server's answer to one frame before reconnecting.
     pub reply_timeout: Duration,
+    /// Send target labels once per target rather than in every series' label set.
+    pub split_target_labels: bool,
 }
 
 impl Default for ShipConfig {
@@ -61,6 +65,7 @@ impl Default for ShipConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
+            split_target_labels: true,
         }
     }
 }
@@ -73,22 +78,35 @@ const REPLAY_LIMITS: Limits = Limits {
     label_value_bytes_max: u32::MAX,
 };
 
-/// Calls `visit` with the accepted part of one WAL record's request (payload format 1):
+/// Calls `visit` with the accepted part of one WAL record's request and its enrichment:
 /// exactly what was acknowledged to the sender.
-pub fn replay_payload(payload: &[u8], visit: impl FnOnce(Decoded<'_>)) -> Result<(), String> {
+pub fn replay_payload(
+    format: u8,
+    payload: &[u8],
+    visit: impl FnOnce(Decoded<'_>, &Enrichment<'_>),
+) -> Result<(), String> {
     let mut batch = Batch::default();
     let mut raw = Vec::new();
-    replay_payload_into(payload, &mut batch, &mut raw)?;
-    visit(Decoded {
-        batch: &batch,
-        body: &raw,
-    });
+    let e = replay_payload_into(format, payload, &mut batch, &mut raw)?;
+    visit(
+        Decoded {
+            batch: &batch,
+            body: &raw,
+        },
+        &e,
+    );
     Ok(())
 }
 
 /// [`replay_payload`] into caller-owned buffers (reused across records).
-fn replay_payload_into(payload: &[u8], batch: &mut Batch, raw: &mut Vec<u8>) -> Result<(), String> {
-    let p = RemoteWritePayload::parse(payload)?;
+fn replay_payload_into<'p>(
+    format: u8,
+    payload: &'p [u8],
+    batch: &mut Batch,
+    raw: &mut Vec<u8>,
+) -> Result<Enrichment<'p>, String> {
+    let p = RemoteWritePayload::parse(format, payload)?;
+    let enrichment = Enrichment::parse(p.enrichment)?;
     let protocol = match p.protocol {
         1 => Protocol::V1,
         2 => Protocol::V2,
@@ -114,7 +132,7 @@ fn replay_payload_into(payload: &[u8], batch: &mut Batch, raw: &mut Vec<u8>) -> 
             .series
             .retain(|s| rejected.binary_search(&s.index).is_err());
     }
-    Ok(())
+    Ok(enrichment)
 }
 
 /// A native histogram of a decoded batch as a remote_write 1.0 message.
@@ -164,21 +182,34 @@ fn labels_of<'a>(it: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<Label> {
     .collect()
 }
 
-/// Builds batches for one connection: series references live as long as it does.
+fn put_key<'a>(key: &mut Vec<u8>, pairs: impl Iterator<Item = (&'a str, &'a str)>) {
+    for (n, v) in pairs {
+        key.extend_from_slice(&(n.len() as u32).to_le_bytes());
+        key.extend_from_slice(n.as_bytes());
+        key.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        key.extend_from_slice(v.as_bytes());
+    }
+}
+
+/// Builds batches for one connection: series and target references live as long as it
+/// does.
 #[derive(Default)]
 pub struct BatchBuilder {
     refs: HashMap<Vec<u8>, u32>,
+    targets: HashMap<Vec<u8>, u32>,
     key: Vec<u8>,
     pub batch: ShipBatch,
     decoded: Batch,
     raw: Vec<u8>,
+    split: bool,
 }
 
 impl BatchBuilder {
-    pub fn new(agent: &str, shard: u32) -> Self {
+    pub fn new(agent: &str, shard: u32, split_target_labels: bool) -> Self {
         let mut b = BatchBuilder::default();
         b.batch.agent = agent.to_string();
         b.batch.shard = shard;
+        b.split = split_target_labels;
         b
     }
 
@@ -196,22 +227,63 @@ impl BatchBuilder {
         self.batch.last_seq = 0;
     }
 
-    fn series_ref(&mut self, d: &Decoded<'_>, labels: promgate_proto::batch::Run) -> u32 {
+    fn series_ref(
+        &mut self,
+        d: &Decoded<'_>,
+        labels: promgate_proto::batch::Run,
+        e: &Enrichment<'_>,
+    ) -> u32 {
         self.key.clear();
-        for (n, v) in d.labels(labels) {
-            self.key.extend_from_slice(&(n.len() as u32).to_le_bytes());
-            self.key.extend_from_slice(n.as_bytes());
-            self.key.extend_from_slice(&(v.len() as u32).to_le_bytes());
-            self.key.extend_from_slice(v.as_bytes());
-        }
+        put_key(&mut self.key, d.labels(labels));
         if let Some(r) = self.refs.get(&self.key) {
             return *r;
         }
         let r = self.refs.len() as u32;
         self.refs.insert(self.key.clone(), r);
+        // A new series: its target (as enriched at receive time) and its split.
+        let pairs: Vec<(&str, &str)> = d.labels(labels).collect();
+        let get = |name: &str| pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+        let target = get("job")
+            .zip(get("instance"))
+            .and_then(|(j, i)| e.target(j, i));
+        let (target_labels, tags) = match target {
+            Some(t) => (&t.labels[..], &t.tags[..]),
+            None => (&[][..], &e.base_tags[..]),
+        };
+        let target_labels = if self.split { target_labels } else { &[] };
+        let mut merged: Vec<(&str, &str)> = tags.to_vec();
+        for h in &e.header_tags {
+            if !tags.iter().any(|(n, _)| *n == h.0) {
+                merged.push(*h);
+            }
+        }
+        merged.sort_unstable();
+        let target_ref = self.target_ref(target_labels, &merged);
+        let (mut absent, mut app) = (Vec::new(), Vec::new());
+        crate::enrich::split(&pairs, target_labels.iter().copied(), &mut absent, &mut app);
         self.batch.new_series.push(NewSeries {
             series_ref: r,
-            labels: labels_of(d.labels(labels)),
+            target_ref,
+            absent,
+            labels: labels_of(app.iter().map(|&i| pairs[i as usize])),
+        });
+        r
+    }
+
+    fn target_ref(&mut self, labels: &[(&str, &str)], tags: &[(&str, &str)]) -> u32 {
+        let mut key = Vec::new();
+        put_key(&mut key, labels.iter().copied());
+        key.push(0xff); // never the first byte of a length below 2^24
+        put_key(&mut key, tags.iter().copied());
+        if let Some(r) = self.targets.get(&key) {
+            return *r;
+        }
+        let r = self.targets.len() as u32;
+        self.targets.insert(key, r);
+        self.batch.new_targets.push(NewTarget {
+            target_ref: r,
+            labels: labels_of(labels.iter().copied()),
+            tags: labels_of(tags.iter().copied()),
         });
         r
     }
@@ -228,23 +300,26 @@ impl BatchBuilder {
             self.batch.first_seq = seq;
         }
         self.batch.last_seq = seq;
-        if (kind, format) != (KIND_REMOTE_WRITE, PAYLOAD_VERSION) {
+        if kind != KIND_REMOTE_WRITE {
             return Err(format!("unknown record kind {kind} format {format}"));
         }
         let mut decoded = std::mem::take(&mut self.decoded);
         let mut raw = std::mem::take(&mut self.raw);
-        let result = replay_payload_into(payload, &mut decoded, &mut raw).map(|()| {
-            self.add_decoded(Decoded {
-                batch: &decoded,
-                body: &raw,
-            })
+        let result = replay_payload_into(format, payload, &mut decoded, &mut raw).map(|e| {
+            self.add_decoded(
+                Decoded {
+                    batch: &decoded,
+                    body: &raw,
+                },
+                &e,
+            )
         });
         self.decoded = decoded;
         self.raw = raw;
         result
     }
 
-    fn add_decoded(&mut self, d: Decoded<'_>) {
+    fn add_decoded(&mut self, d: Decoded<'_>, e: &Enrichment<'_>) {
         for s in &d.batch.series {
             let samples = d.samples(s);
             let histograms = d.histograms(s);
@@ -252,7 +327,7 @@ impl BatchBuilder {
             if samples.is_empty() && histograms.is_empty() && exemplars.is_empty() {
                 continue;
             }
-            let r = self.series_ref(&d, s.labels);
+            let r = self.series_ref(&d, s.labels, e);
             for x in samples {
                 self.batch.sample_refs.push(r);
                 self.batch.sample_ts.push(x.timestamp_ms);
@@ -413,7 +488,11 @@ impl<S: Storage> Shipper<S> {
         );
         self.acked(applied);
         let mut next = applied + 1;
-        let mut builder = BatchBuilder::new(&self.config.agent_id, self.shard);
+        let mut builder = BatchBuilder::new(
+            &self.config.agent_id,
+            self.shard,
+            self.config.split_target_labels,
+        );
         loop {
             // Wait for durable records at or after `next`.
             while self.wal.durable_seq() < next {

@@ -4,6 +4,8 @@
 //! decides what an acknowledgement means. [`WalSink`] (the agent's) resolves once the
 //! request is durable in the shard's write-ahead log.
 
+use crate::enrich::Enricher;
+use crate::metrics::ShardMetrics;
 use crate::wal::format::{remote_write_payload, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
 use crate::wal::storage::Storage;
 use crate::wal::{Wal, WalError};
@@ -73,6 +75,8 @@ pub struct Accepted<'a> {
     /// The decoded, validated batch (refused series already left out and listed in
     /// `batch.rejected.indexes`).
     pub decoded: Decoded<'a>,
+    /// Tags taken from the request's headers (`[enrich.header_tags]`), sorted by name.
+    pub header_tags: &'a [(&'a str, &'a str)],
 }
 
 /// One per shard; never shared across threads.
@@ -80,13 +84,18 @@ pub trait Sink {
     fn write(&self, request: Accepted<'_>) -> impl Future<Output = Result<(), SinkError>>;
 }
 
-/// Makes each request durable in the shard's WAL before it is acknowledged.
+/// Makes each request durable in the shard's WAL before it is acknowledged, with its
+/// enrichment (`crate::enrich`) in the same record.
 pub struct WalSink<S: Storage> {
     /// Shared with the shard's shipper, which reads and truncates it.
     pub wal: std::rc::Rc<Wal<S>>,
+    /// `None`: records carry an empty enrichment section (series get no tags).
+    pub enricher: Option<Enricher>,
+    pub metrics: std::sync::Arc<Vec<ShardMetrics>>,
+    pub shard: usize,
 }
 
-/// The protocol byte of WAL payload format 1.
+/// The protocol byte of WAL payloads.
 pub fn protocol_byte(p: Protocol) -> u8 {
     match p {
         Protocol::V1 => 1,
@@ -97,12 +106,18 @@ pub fn protocol_byte(p: Protocol) -> u8 {
 impl<S: Storage> Sink for WalSink<S> {
     async fn write(&self, request: Accepted<'_>) -> Result<(), SinkError> {
         let rejected = &request.decoded.batch.rejected.indexes;
+        let metrics = &self.metrics[self.shard].enrich;
         self.wal
             .append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |out| {
                 remote_write_payload(
                     out,
                     protocol_byte(request.protocol),
                     rejected,
+                    |o| {
+                        if let Some(e) = &self.enricher {
+                            e.section(&request.decoded, request.header_tags, metrics, o)
+                        }
+                    },
                     request.compressed,
                 )
             })

@@ -7,9 +7,11 @@
 //! lock. A Prometheus that cannot be reached keeps its last good targets in the
 //! snapshot, which is then marked stale (metrics and log); ingestion never waits for it.
 //!
-//! Status: parsing, merging, publishing and polling are here and tested; wiring the
-//! snapshot into the receive path and the ship protocol is the next step of issue 5.
+//! Each target's tags (meta, agent, custom) are computed when a snapshot is built, not
+//! per series: the receive path copies them into the WAL record of every request that
+//! has series of that target (`crate::enrich`).
 
+use crate::enrich::{target_tags, EnrichConfig};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -33,21 +35,37 @@ pub struct Target {
     pub scrape_pool: String,
     pub scrape_interval_ms: u64,
     pub honor_labels: bool,
+    /// Meta, agent and custom tags (sorted by name), computed once when the snapshot is
+    /// built ([`crate::enrich::target_tags`]), so the receive path only copies them.
+    pub tags: Labels,
 }
 
-/// Every known target, by (job, instance). Immutable once published.
+/// Every known target, by job then instance (so a lookup borrows the series' label
+/// values and allocates nothing). Immutable once published.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     /// Increases with every published snapshot; 0 is the empty one before the first sync.
     pub version: u64,
-    pub targets: HashMap<(String, String), Arc<Target>>,
+    by_job: HashMap<String, HashMap<String, Arc<Target>>>,
+    len: usize,
 }
 
 impl Snapshot {
     pub fn target(&self, job: &str, instance: &str) -> Option<&Arc<Target>> {
-        // A borrowed-key lookup would need a custom key type; targets are few and the
-        // shard looks each series' target up once per batch.
-        self.targets.get(&(job.to_string(), instance.to_string()))
+        self.by_job.get(job)?.get(instance)
+    }
+
+    /// Number of targets.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn targets(&self) -> impl Iterator<Item = &Arc<Target>> {
+        self.by_job.values().flat_map(|m| m.values())
     }
 }
 
@@ -141,6 +159,7 @@ pub fn parse_targets(
             instance,
             labels,
             scrape_pool,
+            tags: Labels::new(),
         });
     }
     Ok(out)
@@ -182,15 +201,26 @@ pub fn parse_honor_labels(body: &[u8]) -> Result<HashMap<String, bool>, String> 
     Ok(out)
 }
 
-/// Merges the targets of every address (later addresses win on equal keys).
-pub fn merge(version: u64, per_address: &[Vec<Target>]) -> Snapshot {
-    let mut targets = HashMap::new();
+/// Merges the targets of every address (later addresses win on equal keys), giving
+/// each its tags under `cfg`.
+pub fn merge(version: u64, per_address: &[Vec<Target>], cfg: &EnrichConfig) -> Snapshot {
+    let mut by_job: HashMap<String, HashMap<String, Arc<Target>>> = HashMap::new();
     for list in per_address {
         for t in list {
-            targets.insert((t.job.clone(), t.instance.clone()), Arc::new(t.clone()));
+            let mut t = t.clone();
+            t.tags = target_tags(Some(&t), cfg);
+            by_job
+                .entry(t.job.clone())
+                .or_default()
+                .insert(t.instance.clone(), Arc::new(t));
         }
     }
-    Snapshot { version, targets }
+    let len = by_job.values().map(|m| m.len()).sum();
+    Snapshot {
+        version,
+        by_job,
+        len,
+    }
 }
 
 /// A plain HTTP/1.1 GET (`http://` only) with a timeout; the body (chunked or not).
@@ -277,6 +307,7 @@ pub fn sync_once(
     version: &mut u64,
     cell: &SnapshotCell,
     metrics: &SnapshotMetrics,
+    cfg: &EnrichConfig,
 ) -> Vec<String> {
     let mut errors = Vec::new();
     for (i, base) in addresses.iter().enumerate() {
@@ -298,11 +329,9 @@ pub fn sync_once(
     }
     *version += 1;
     let lists: Vec<Vec<Target>> = last.iter().flatten().cloned().collect();
-    let snapshot = merge(*version, &lists);
+    let snapshot = merge(*version, &lists, cfg);
     metrics.version.store(*version, Relaxed);
-    metrics
-        .targets
-        .store(snapshot.targets.len() as u64, Relaxed);
+    metrics.targets.store(snapshot.len() as u64, Relaxed);
     metrics.stale.store(u64::from(!errors.is_empty()), Relaxed);
     if errors.is_empty() {
         let now = std::time::SystemTime::now()
@@ -321,6 +350,7 @@ pub fn spawn_poller(
     timeout: Duration,
     cell: Arc<SnapshotCell>,
     metrics: Arc<SnapshotMetrics>,
+    cfg: EnrichConfig,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("snapshot".into())
@@ -328,7 +358,7 @@ pub fn spawn_poller(
             let mut last: Vec<Option<Vec<Target>>> = vec![None; addresses.len()];
             let mut version = 0;
             loop {
-                for e in sync_once(&addresses, timeout, &mut last, &mut version, &cell, &metrics)
+                for e in sync_once(&addresses, timeout, &mut last, &mut version, &cell, &metrics, &cfg)
                 {
                     tracing::warn!(error = %e, "target snapshot sync failed; keeping the last good targets");
                 }
@@ -402,6 +432,7 @@ mod tests {
             &mut version,
             &cell,
             &metrics,
+            &EnrichConfig::default(),
         );
         assert_eq!(errors.len(), 1);
         let s = cell.load();

@@ -7,8 +7,8 @@
 
 use promgate_proto::ship::{
     code, write_message, Ack, ExemplarSample, Hello, HistogramSample, Label, MetadataEntry,
-    NewSeries, ShipBatch, ShipError, Welcome, FLAG_SNAPPY, HEADER_BYTES, KIND_ACK, KIND_BATCH,
-    KIND_ERROR, KIND_HELLO, KIND_WELCOME,
+    NewSeries, NewTarget, ShipBatch, ShipError, Welcome, FLAG_SNAPPY, HEADER_BYTES, KIND_ACK,
+    KIND_BATCH, KIND_ERROR, KIND_HELLO, KIND_WELCOME,
 };
 
 /// Prometheus's staleness marker: a NaN with payload 2.
@@ -64,28 +64,55 @@ pub fn batch() -> ShipBatch {
         shard: SHARD,
         first_seq: 41,
         last_seq: 43,
+        new_targets: vec![
+            // Series of no known target: the agent's own and custom tags only.
+            NewTarget {
+                target_ref: 0,
+                labels: vec![],
+                tags: vec![label("agent", AGENT), label("region", "eu-1")],
+            },
+            NewTarget {
+                target_ref: 1,
+                labels: vec![
+                    label("instance", "10.0.0.9:8080"),
+                    label("job", "api"),
+                    label("zone", "b"),
+                ],
+                tags: vec![
+                    label("agent", AGENT),
+                    label("host", "10.0.0.9"),
+                    label("pod", "api-7d9f"),
+                    label("region", "eu-1"),
+                ],
+            },
+        ],
         new_series: vec![
+            // {__name__, city, instance, job, zone}: the target's three labels travel
+            // once, with the target.
             NewSeries {
                 series_ref: 0,
+                target_ref: 1,
+                absent: vec![],
                 labels: vec![
                     label("__name__", "http_requests_total"),
                     label("city", "Zürich–東京"),
-                    label("job", "api"),
                 ],
             },
             NewSeries {
                 series_ref: 1,
+                target_ref: 0,
+                absent: vec![],
                 labels: vec![
                     label("__name__", "node_load1"),
                     label("instance", "10.0.0.1:9100"),
                 ],
             },
+            // honor_labels: this series says zone="a", so the target's zone is absent.
             NewSeries {
                 series_ref: 7,
-                labels: vec![
-                    label("__name__", "rpc_latency_seconds"),
-                    label("job", "api"),
-                ],
+                target_ref: 1,
+                absent: vec![2],
+                labels: vec![label("__name__", "rpc_latency_seconds"), label("zone", "a")],
             },
         ],
         sample_refs: vec![0, 0, 1, 1],

@@ -26,21 +26,39 @@
 //!   crc32c       u32       CRC-32C (Castagnoli) of those `len` bytes
 //!   seq          u64       strictly consecutive within a segment
 //!   kind         u8        KIND_REMOTE_WRITE (1)
-//!   format       u8        payload format version (PAYLOAD_VERSION, 1)
+//!   format       u8        payload format version (PAYLOAD_VERSION, 2; 1 is still read)
 //!   reserved     u16       zero
 //!   payload      [u8]      len - 12 bytes
 //!   padding      [u8]      zeros up to the next multiple of 8
 //! ```
 //!
-//! Payload format 1 (kind 1), one acknowledged remote_write request:
+//! Payload format 2 (kind 1), one acknowledged remote_write request and its enrichment:
 //!
 //! ```text
 //!   protocol     u8        1 = remote_write 1.0, 2 = remote_write 2.0
 //!   reserved     [u8; 3]   zero
 //!   rejected     u32       number of series the decoder refused (answered 400)
 //!   rejected_ix  [u32]     their indexes in the request, ascending
+//!   enrich_len   u32       bytes of the enrichment section that follows
+//!   enrichment:
+//!     base_tags    pairs   tags of series with no known target (agent, agent_host, custom)
+//!     header_tags  pairs   tags taken from this request's headers (`[enrich.header_tags]`)
+//!     targets      u32     number of targets, then for each target that has series in
+//!                          this request:
+//!       job lp, instance lp, labels pairs (target labels), tags pairs (meta, agent, custom)
 //!   body         [u8]      the request body exactly as received (snappy block)
+//!
+//!   pairs := count u32, (lp(name) lp(value))*, sorted by name;  lp := len u32 | UTF-8 bytes
 //! ```
+//!
+//! Payload format 1 is format 2 without `enrich_len` and the enrichment (records written
+//! before enrichment existed); it is still read, and its series get no tags.
+//!
+//! The enrichment is the outcome of enriching the request against the snapshot of the
+//! moment it was received: the snapshot may change before the record is shipped, and
+//! what was acknowledged must ship with the tags it was acknowledged with. A series
+//! finds its target in the record by its `job` and `instance` labels, as it found it in
+//! the snapshot, so only the targets are stored, not one entry per series.
 //!
 //! Why the body as received rather than a re-encoded batch: it is the smallest form the
 //! data exists in (36–70 bytes per sample on realistic loads, against ~350 for decoded
@@ -75,7 +93,8 @@ pub const RECORD_PREFIX_BYTES: usize = 8;
 pub const RECORD_META_BYTES: usize = 12;
 pub const RECORD_ALIGN_BYTES: usize = 8;
 pub const KIND_REMOTE_WRITE: u8 = 1;
-pub const PAYLOAD_VERSION: u8 = 1;
+/// The payload format written; format 1 is still read.
+pub const PAYLOAD_VERSION: u8 = 2;
 /// A record longer than this is not believed during recovery.
 pub const RECORD_BYTES_MAX: usize = 1 << 30;
 
@@ -180,26 +199,71 @@ pub fn append_record(
     out.resize(start + padded, 0);
 }
 
-/// Writes payload format 1: the request body as received plus the rejected series.
-pub fn remote_write_payload(out: &mut Vec<u8>, protocol: u8, rejected: &[u32], body: &[u8]) {
+/// Writes payload format 2: the rejected series, the enrichment section (written by
+/// `enrichment`, see [`put_pairs`]), and the request body as received.
+pub fn remote_write_payload(
+    out: &mut Vec<u8>,
+    protocol: u8,
+    rejected: &[u32],
+    enrichment: impl FnOnce(&mut Vec<u8>),
+    body: &[u8],
+) {
     out.extend_from_slice(&[protocol, 0, 0, 0]);
     out.extend_from_slice(&(rejected.len() as u32).to_le_bytes());
     for ix in rejected {
         out.extend_from_slice(&ix.to_le_bytes());
     }
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    enrichment(out);
+    let n = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&n.to_le_bytes());
     out.extend_from_slice(body);
 }
 
-/// A decoded payload format 1.
+fn put_lp(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Writes `pairs` (count, then name and value of each).
+pub fn put_pairs<'a>(out: &mut Vec<u8>, pairs: impl ExactSizeIterator<Item = (&'a str, &'a str)>) {
+    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (n, v) in pairs {
+        put_lp(out, n);
+        put_lp(out, v);
+    }
+}
+
+/// Writes one target entry of the enrichment section.
+pub fn put_target(
+    out: &mut Vec<u8>,
+    job: &str,
+    instance: &str,
+    labels: &[(String, String)],
+    tags: &[(String, String)],
+) {
+    put_lp(out, job);
+    put_lp(out, instance);
+    put_pairs(out, labels.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    put_pairs(out, tags.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+}
+
+/// A decoded payload (format 1 or 2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RemoteWritePayload<'a> {
     pub protocol: u8,
     pub rejected: &'a [u8],
+    /// The enrichment section; empty for format 1.
+    pub enrichment: &'a [u8],
     pub body: &'a [u8],
 }
 
 impl<'a> RemoteWritePayload<'a> {
-    pub fn parse(payload: &'a [u8]) -> Result<Self, String> {
+    pub fn parse(format: u8, payload: &'a [u8]) -> Result<Self, String> {
+        if format != 1 && format != 2 {
+            return Err(format!("unknown payload format {format}"));
+        }
         if payload.len() < 8 {
             return Err("payload shorter than its 8-byte header".into());
         }
@@ -209,10 +273,23 @@ impl<'a> RemoteWritePayload<'a> {
             .and_then(|b| b.checked_add(8))
             .filter(|e| *e <= payload.len());
         let end = end.ok_or("rejected-series list overruns the payload")?;
+        let (enrichment, body_at) = if format == 1 {
+            (&payload[end..end], end)
+        } else {
+            let len = payload
+                .get(end..end + 4)
+                .map(|b| u32::from_le_bytes(le4(b)) as usize)
+                .ok_or("payload ends before its enrichment length")?;
+            let e = payload
+                .get(end + 4..end + 4 + len)
+                .ok_or("enrichment section overruns the payload")?;
+            (e, end + 4 + len)
+        };
         Ok(RemoteWritePayload {
             protocol: payload[0],
             rejected: &payload[8..end],
-            body: &payload[end..],
+            enrichment,
+            body: &payload[body_at..],
         })
     }
 
@@ -220,6 +297,90 @@ impl<'a> RemoteWritePayload<'a> {
         self.rejected
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(le4(c)))
+    }
+}
+
+pub type Pairs<'a> = Vec<(&'a str, &'a str)>;
+
+/// One target of a record's enrichment section.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordTarget<'a> {
+    pub job: &'a str,
+    pub instance: &'a str,
+    pub labels: Pairs<'a>,
+    pub tags: Pairs<'a>,
+}
+
+/// A record's enrichment section, parsed (borrowing the payload).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Enrichment<'a> {
+    pub base_tags: Pairs<'a>,
+    pub header_tags: Pairs<'a>,
+    pub targets: Vec<RecordTarget<'a>>,
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn u32(&mut self) -> Result<u32, String> {
+        let b = self.0.get(..4).ok_or("enrichment section truncated")?;
+        self.0 = &self.0[4..];
+        Ok(u32::from_le_bytes(le4(b)))
+    }
+
+    fn str(&mut self) -> Result<&'a str, String> {
+        let n = self.u32()? as usize;
+        let b = self.0.get(..n).ok_or("enrichment section truncated")?;
+        self.0 = &self.0[n..];
+        std::str::from_utf8(b).map_err(|e| format!("enrichment section: {e}"))
+    }
+
+    fn pairs(&mut self) -> Result<Pairs<'a>, String> {
+        let n = self.u32()? as usize;
+        // Each pair takes at least 8 bytes: never allocate more than the input can hold.
+        let mut out = Vec::with_capacity(n.min(self.0.len() / 8));
+        for _ in 0..n {
+            out.push((self.str()?, self.str()?));
+        }
+        Ok(out)
+    }
+}
+
+impl<'a> Enrichment<'a> {
+    pub fn parse(b: &'a [u8]) -> Result<Self, String> {
+        if b.is_empty() {
+            return Ok(Enrichment::default());
+        }
+        let mut r = Reader(b);
+        let base_tags = r.pairs()?;
+        let header_tags = r.pairs()?;
+        let n = r.u32()? as usize;
+        let mut targets = Vec::with_capacity(n.min(b.len() / 16));
+        for _ in 0..n {
+            targets.push(RecordTarget {
+                job: r.str()?,
+                instance: r.str()?,
+                labels: r.pairs()?,
+                tags: r.pairs()?,
+            });
+        }
+        if !r.0.is_empty() {
+            return Err(format!(
+                "{} bytes after the enrichment section's targets",
+                r.0.len()
+            ));
+        }
+        Ok(Enrichment {
+            base_tags,
+            header_tags,
+            targets,
+        })
+    }
+
+    pub fn target(&self, job: &str, instance: &str) -> Option<&RecordTarget<'a>> {
+        self.targets
+            .iter()
+            .find(|t| t.job == job && t.instance == instance)
     }
 }
 
@@ -453,11 +614,43 @@ mod tests {
 
     #[test]
     fn payload_round_trip() {
+        let labels = vec![("instance".to_string(), "h:1".to_string())];
+        let tags = vec![("pod".to_string(), "p-1".to_string())];
         let mut p = Vec::new();
-        remote_write_payload(&mut p, 2, &[1, 5], b"BODY");
-        let r = RemoteWritePayload::parse(&p).unwrap();
+        remote_write_payload(
+            &mut p,
+            2,
+            &[1, 5],
+            |o| {
+                put_pairs(o, [("agent", "a")].into_iter());
+                put_pairs(o, std::iter::empty());
+                o.extend_from_slice(&1u32.to_le_bytes());
+                put_target(o, "j", "h:1", &labels, &tags);
+            },
+            b"BODY",
+        );
+        let r = RemoteWritePayload::parse(2, &p).unwrap();
         assert_eq!((r.protocol, r.body), (2, &b"BODY"[..]));
         assert_eq!(r.rejected().collect::<Vec<_>>(), vec![1, 5]);
-        assert!(RemoteWritePayload::parse(&p[..5]).is_err());
+        let e = Enrichment::parse(r.enrichment).unwrap();
+        assert_eq!(e.base_tags, vec![("agent", "a")]);
+        assert!(e.header_tags.is_empty());
+        let t = e.target("j", "h:1").unwrap();
+        assert_eq!(
+            (t.labels.clone(), t.tags.clone()),
+            (vec![("instance", "h:1")], vec![("pod", "p-1")])
+        );
+        assert!(e.target("j", "h:2").is_none());
+        assert!(RemoteWritePayload::parse(2, &p[..5]).is_err());
+        // Every truncation of the section is an error, never a panic.
+        for cut in 0..r.enrichment.len() {
+            assert!(Enrichment::parse(&r.enrichment[..cut]).is_err() || cut == 0);
+        }
+        // Format 1 (no enrichment) is still read.
+        let mut v1 = vec![1, 0, 0, 0, 0, 0, 0, 0];
+        v1.extend_from_slice(b"OLD");
+        let r = RemoteWritePayload::parse(1, &v1).unwrap();
+        assert_eq!((r.enrichment, r.body), (&b""[..], &b"OLD"[..]));
+        assert!(RemoteWritePayload::parse(3, &v1).is_err());
     }
 }
