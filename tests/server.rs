@@ -509,7 +509,24 @@ fn the_server_answers_bad_frames_with_error_frames_and_keeps_serving() {
     assert_eq!(read_frame(&mut s).0, ship::KIND_WELCOME);
     assert_eq!(error_code(&mut s).0, ship::code::BAD_FRAME);
 
+    // A series that refers to a target the connection never sent.
+    let mut out = Vec::new();
+    hello(&mut out);
+    ship::write_message(ship::KIND_BATCH, &batch, true, &mut out);
+    let mut s = connect();
+    s.write_all(&out).unwrap();
+    assert_eq!(read_frame(&mut s).0, ship::KIND_WELCOME);
+    let (code, msg) = error_code(&mut s);
+    assert_eq!(code, ship::code::BAD_ARCHIVE, "{msg}");
+    assert!(msg.contains("unknown target ref 0"), "{msg}");
+
     // And a good conversation still works: WELCOME at 0, ACK, then WELCOME at 1.
+    let mut batch = batch;
+    batch.new_targets = vec![ship::NewTarget {
+        target_ref: 0,
+        labels: vec![],
+        tags: vec![],
+    }];
     let mut out = Vec::new();
     hello(&mut out);
     ship::write_message(ship::KIND_BATCH, &batch, true, &mut out);
