@@ -21,10 +21,11 @@
 //! `instance`, one borrowed hash lookup (skipped when the series has the same target as
 //! the one before), and a merge walk for clashes. It writes the distinct targets of the
 //! request, with their labels and tags, into the WAL record (`wal::format`), so the
-//! shipper later ships exactly the tags the request was acknowledged with.
+//! shipper later ships exactly the tags the request was acknowledged with, and each
+//! series' target index, so the shipper needs no lookups.
 
 use crate::snapshot::{Labels, Snapshot, SnapshotCell, Target};
-use crate::wal::format::{put_pairs, put_target};
+use crate::wal::format::{put_pairs, put_series_targets, put_target, NO_TARGET};
 use promgate_proto::Decoded;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -262,9 +263,11 @@ pub struct EnrichMetrics {
 pub struct Enricher {
     cell: Arc<SnapshotCell>,
     base: Labels,
-    /// Targets of the current request: pointer → whether already written.
-    seen: RefCell<HashMap<*const Target, ()>>,
+    /// Targets of the current request: pointer → index in `list`.
+    seen: RefCell<HashMap<*const Target, u16>>,
     list: RefCell<Vec<Arc<Target>>>,
+    /// Per series of the current request: index in `list`, or [`NO_TARGET`].
+    per_series: RefCell<Vec<u16>>,
 }
 
 impl Enricher {
@@ -274,6 +277,7 @@ impl Enricher {
             base: base_tags(cfg),
             seen: RefCell::default(),
             list: RefCell::default(),
+            per_series: RefCell::default(),
         }
     }
 
@@ -290,8 +294,10 @@ impl Enricher {
         let snapshot = self.cell.load();
         let mut seen = self.seen.borrow_mut();
         let mut list = self.list.borrow_mut();
+        let mut per_series = self.per_series.borrow_mut();
         seen.clear();
         list.clear();
+        per_series.clear();
         let (mut hits, mut misses, mut clashes) = (0u64, 0u64, 0u64);
         let mut last: Option<(&str, &str, Option<Arc<Target>>)> = None;
         for s in &d.batch.series {
@@ -320,16 +326,24 @@ impl Enricher {
                 _ => None,
             };
             let names = d.labels(s.labels).map(|(n, _)| n);
+            // A request with more distinct targets than fit a u16 index (absurd) gives
+            // the excess series the agent's tags only.
+            let target = target.filter(|t| {
+                seen.contains_key(&Arc::as_ptr(t)) || list.len() < usize::from(NO_TARGET)
+            });
             let tags = match &target {
                 Some(t) => {
                     hits += 1;
-                    if seen.insert(Arc::as_ptr(t), ()).is_none() {
+                    let ix = *seen.entry(Arc::as_ptr(t)).or_insert_with(|| {
                         list.push(t.clone());
-                    }
+                        (list.len() - 1) as u16
+                    });
+                    per_series.push(ix);
                     &t.tags
                 }
                 None => {
                     misses += 1;
+                    per_series.push(NO_TARGET);
                     &self.base
                 }
             };
@@ -345,6 +359,7 @@ impl Enricher {
         for t in list.iter() {
             put_target(out, &t.job, &t.instance, &t.labels, &t.tags);
         }
+        put_series_targets(out, &per_series);
         metrics.hits.fetch_add(hits, Relaxed);
         metrics.misses.fetch_add(misses, Relaxed);
         metrics.clashes.fetch_add(clashes, Relaxed);

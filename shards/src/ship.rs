@@ -107,6 +107,7 @@ fn replay_payload_into<'p>(
 ) -> Result<Enrichment<'p>, String> {
     let p = RemoteWritePayload::parse(format, payload)?;
     let enrichment = Enrichment::parse(p.enrichment)?;
+    let check_series = !p.enrichment.is_empty();
     let protocol = match p.protocol {
         1 => Protocol::V1,
         2 => Protocol::V2,
@@ -131,6 +132,13 @@ fn replay_payload_into<'p>(
         batch
             .series
             .retain(|s| rejected.binary_search(&s.index).is_err());
+    }
+    if check_series && enrichment.series() != batch.series.len() {
+        return Err(format!(
+            "the record's enrichment covers {} series, its request has {}",
+            enrichment.series(),
+            batch.series.len()
+        ));
     }
     Ok(enrichment)
 }
@@ -227,38 +235,25 @@ impl BatchBuilder {
         self.batch.last_seq = 0;
     }
 
+    /// The connection's reference for a series with this label set and target. A series
+    /// whose target (or tags) changed since it was sent is sent again under a new
+    /// reference, so the server updates its tags.
     fn series_ref(
         &mut self,
         d: &Decoded<'_>,
         labels: promgate_proto::batch::Run,
-        e: &Enrichment<'_>,
+        target_ref: u32,
+        target_labels: &[(&str, &str)],
     ) -> u32 {
         self.key.clear();
         put_key(&mut self.key, d.labels(labels));
+        self.key.extend_from_slice(&target_ref.to_le_bytes());
         if let Some(r) = self.refs.get(&self.key) {
             return *r;
         }
         let r = self.refs.len() as u32;
         self.refs.insert(self.key.clone(), r);
-        // A new series: its target (as enriched at receive time) and its split.
         let pairs: Vec<(&str, &str)> = d.labels(labels).collect();
-        let get = |name: &str| pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
-        let target = get("job")
-            .zip(get("instance"))
-            .and_then(|(j, i)| e.target(j, i));
-        let (target_labels, tags) = match target {
-            Some(t) => (&t.labels[..], &t.tags[..]),
-            None => (&[][..], &e.base_tags[..]),
-        };
-        let target_labels = if self.split { target_labels } else { &[] };
-        let mut merged: Vec<(&str, &str)> = tags.to_vec();
-        for h in &e.header_tags {
-            if !tags.iter().any(|(n, _)| *n == h.0) {
-                merged.push(*h);
-            }
-        }
-        merged.sort_unstable();
-        let target_ref = self.target_ref(target_labels, &merged);
         let (mut absent, mut app) = (Vec::new(), Vec::new());
         crate::enrich::split(&pairs, target_labels.iter().copied(), &mut absent, &mut app);
         self.batch.new_series.push(NewSeries {
@@ -268,6 +263,25 @@ impl BatchBuilder {
             labels: labels_of(app.iter().map(|&i| pairs[i as usize])),
         });
         r
+    }
+
+    /// The connection's reference for target `ix` of a record (`None`: no known
+    /// target), with the record's header tags merged in.
+    fn record_target_ref(&mut self, e: &Enrichment<'_>, ix: Option<usize>) -> u32 {
+        let t = ix.map(|i| &e.targets[i]);
+        let (labels, tags) = match t {
+            Some(t) if self.split => (&t.labels[..], &t.tags[..]),
+            Some(t) => (&[][..], &t.tags[..]),
+            None => (&[][..], &e.base_tags[..]),
+        };
+        let mut merged: Vec<(&str, &str)> = tags.to_vec();
+        for h in &e.header_tags {
+            if !tags.iter().any(|(n, _)| *n == h.0) {
+                merged.push(*h);
+            }
+        }
+        merged.sort_unstable();
+        self.target_ref(labels, &merged)
     }
 
     fn target_ref(&mut self, labels: &[(&str, &str)], tags: &[(&str, &str)]) -> u32 {
@@ -320,14 +334,31 @@ impl BatchBuilder {
     }
 
     fn add_decoded(&mut self, d: Decoded<'_>, e: &Enrichment<'_>) {
-        for s in &d.batch.series {
+        // This record's targets → connection target refs, resolved on first use; the
+        // last slot is "no known target".
+        let mut record_refs: Vec<Option<u32>> = vec![None; e.targets.len() + 1];
+        for (i, s) in d.batch.series.iter().enumerate() {
             let samples = d.samples(s);
             let histograms = d.histograms(s);
             let exemplars = d.exemplars(s);
             if samples.is_empty() && histograms.is_empty() && exemplars.is_empty() {
                 continue;
             }
-            let r = self.series_ref(&d, s.labels, e);
+            let ix = e.target_index(i);
+            let slot = ix.unwrap_or(e.targets.len());
+            let target_ref = match record_refs[slot] {
+                Some(r) => r,
+                None => {
+                    let r = self.record_target_ref(e, ix);
+                    record_refs[slot] = Some(r);
+                    r
+                }
+            };
+            let target_labels = match ix {
+                Some(i) if self.split => &e.targets[i].labels[..],
+                _ => &[][..],
+            };
+            let r = self.series_ref(&d, s.labels, target_ref, target_labels);
             for x in samples {
                 self.batch.sample_refs.push(r);
                 self.batch.sample_ts.push(x.timestamp_ms);

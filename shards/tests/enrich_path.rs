@@ -196,3 +196,85 @@ proptest! {
         }
     }
 }
+
+/// Prometheus usually starts sending before the agent's first sync: a series first
+/// shipped with the agent's tags only is sent again (new reference, same labels) once
+/// its target is known, so the server can give it its meta tags.
+#[test]
+fn a_series_is_resent_when_its_target_becomes_known() {
+    let cfg = cfg();
+    let cell = Arc::new(SnapshotCell::default());
+    let enricher = Enricher::new(cell.clone(), &cfg);
+    let metrics = EnrichMetrics::default();
+    let req = v1::WriteRequest {
+        timeseries: vec![v1::TimeSeries {
+            labels: [("__name__", "up"), ("instance", "h0:80"), ("job", "j0")]
+                .iter()
+                .map(|(n, v)| v1::Label {
+                    name: n.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            samples: vec![v1::Sample {
+                value: 1.0,
+                timestamp: 1000,
+            }],
+            ..Default::default()
+        }],
+        metadata: vec![],
+    };
+    let raw = req.encode_to_vec();
+    let body = snap::raw::Encoder::new().compress_vec(&raw).unwrap();
+    let mut batch = Batch::default();
+    decode(
+        Protocol::V1,
+        &raw,
+        &Limits::default(),
+        &mut batch,
+        &mut RejectCounts::default(),
+    )
+    .unwrap();
+    let d = Decoded {
+        batch: &batch,
+        body: &raw,
+    };
+    let record = |enricher: &Enricher| {
+        let mut p = Vec::new();
+        remote_write_payload(
+            &mut p,
+            1,
+            &[],
+            |o| enricher.section(&d, &[], &metrics, o),
+            &body,
+        );
+        p
+    };
+    let mut b = BatchBuilder::new("a#e", 0, true);
+    b.add_record(1, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &record(&enricher))
+        .unwrap();
+    assert_eq!(b.batch.new_series.len(), 1);
+    // The same series again, same snapshot: nothing new.
+    b.reset();
+    b.add_record(2, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &record(&enricher))
+        .unwrap();
+    assert!(b.batch.new_series.is_empty() && b.batch.new_targets.is_empty());
+    // The target becomes known.
+    cell.publish(merge(1, &[targets(&[false; 6])], &cfg));
+    b.reset();
+    b.add_record(3, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &record(&enricher))
+        .unwrap();
+    assert_eq!(b.batch.new_series.len(), 1, "sent again");
+    let s = &b.batch.new_series[0];
+    assert_eq!(s.series_ref, 1);
+    let t = &b.batch.new_targets[0];
+    assert_eq!(s.target_ref, t.target_ref);
+    assert!(t
+        .tags
+        .iter()
+        .any(|l| l.name == "pod" && l.value == "pod-0-0"));
+    assert_eq!(b.batch.sample_refs, vec![1]);
+    assert_eq!(
+        (metrics.hits.load(Relaxed), metrics.misses.load(Relaxed)),
+        (1, 2)
+    );
+}

@@ -46,6 +46,9 @@
 //!     targets      u32     number of targets, then for each target that has series in
 //!                          this request:
 //!       job lp, instance lp, labels pairs (target labels), tags pairs (meta, agent, custom)
+//!     series     u32       number of accepted series, then per series (in request order,
+//!                          refused ones left out) its target's index above as u16, or
+//!                          0xffff (NO_TARGET): no known target, base tags
 //!   body         [u8]      the request body exactly as received (snappy block)
 //!
 //!   pairs := count u32, (lp(name) lp(value))*, sorted by name;  lp := len u32 | UTF-8 bytes
@@ -56,9 +59,8 @@
 //!
 //! The enrichment is the outcome of enriching the request against the snapshot of the
 //! moment it was received: the snapshot may change before the record is shipped, and
-//! what was acknowledged must ship with the tags it was acknowledged with. A series
-//! finds its target in the record by its `job` and `instance` labels, as it found it in
-//! the snapshot, so only the targets are stored, not one entry per series.
+//! what was acknowledged must ship with the tags it was acknowledged with. Targets are
+//! stored once per record; each series costs two bytes (its target's index).
 //!
 //! Why the body as received rather than a re-encoded batch: it is the smallest form the
 //! data exists in (36–70 bytes per sample on realistic loads, against ~350 for decoded
@@ -249,6 +251,17 @@ pub fn put_target(
     put_pairs(out, tags.iter().map(|(n, v)| (n.as_str(), v.as_str())));
 }
 
+/// The series target index of a series with no known target.
+pub const NO_TARGET: u16 = u16::MAX;
+
+/// Writes the per-series target indexes that end the enrichment section.
+pub fn put_series_targets(out: &mut Vec<u8>, ix: &[u16]) {
+    out.extend_from_slice(&(ix.len() as u32).to_le_bytes());
+    for i in ix {
+        out.extend_from_slice(&i.to_le_bytes());
+    }
+}
+
 /// A decoded payload (format 1 or 2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RemoteWritePayload<'a> {
@@ -317,6 +330,8 @@ pub struct Enrichment<'a> {
     pub base_tags: Pairs<'a>,
     pub header_tags: Pairs<'a>,
     pub targets: Vec<RecordTarget<'a>>,
+    /// u16 LE per accepted series; empty for format 1.
+    series_targets: &'a [u8],
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -364,23 +379,49 @@ impl<'a> Enrichment<'a> {
                 tags: r.pairs()?,
             });
         }
-        if !r.0.is_empty() {
+        let series = r.u32()? as usize;
+        let series_targets = r.0;
+        if series_targets.len() != series * 2 {
             return Err(format!(
-                "{} bytes after the enrichment section's targets",
-                r.0.len()
+                "enrichment section holds {} bytes for {series} series target indexes",
+                series_targets.len()
+            ));
+        }
+        if let Some(bad) = series_targets
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .find(|&i| i != NO_TARGET && usize::from(i) >= targets.len())
+        {
+            return Err(format!(
+                "series target index {bad} beyond the record's {} targets",
+                targets.len()
             ));
         }
         Ok(Enrichment {
             base_tags,
             header_tags,
             targets,
+            series_targets,
         })
     }
 
-    pub fn target(&self, job: &str, instance: &str) -> Option<&RecordTarget<'a>> {
-        self.targets
-            .iter()
-            .find(|t| t.job == job && t.instance == instance)
+    /// Number of series the section has a target index for (0 for format 1).
+    pub fn series(&self) -> usize {
+        self.series_targets.len() / 2
+    }
+
+    /// The target of the `i`th accepted series of the record, if it had one.
+    pub fn target_of(&self, i: usize) -> Option<&RecordTarget<'a>> {
+        let b = self.series_targets.get(2 * i..2 * i + 2)?;
+        let ix = u16::from_le_bytes([b[0], b[1]]);
+        self.targets.get(usize::from(ix))
+    }
+
+    /// [`Self::target_of`] as an index into `targets`.
+    pub fn target_index(&self, i: usize) -> Option<usize> {
+        let b = self.series_targets.get(2 * i..2 * i + 2)?;
+        let ix = usize::from(u16::from_le_bytes([b[0], b[1]]));
+        (ix < self.targets.len()).then_some(ix)
     }
 }
 
@@ -626,6 +667,7 @@ mod tests {
                 put_pairs(o, std::iter::empty());
                 o.extend_from_slice(&1u32.to_le_bytes());
                 put_target(o, "j", "h:1", &labels, &tags);
+                put_series_targets(o, &[0, NO_TARGET]);
             },
             b"BODY",
         );
@@ -635,12 +677,19 @@ mod tests {
         let e = Enrichment::parse(r.enrichment).unwrap();
         assert_eq!(e.base_tags, vec![("agent", "a")]);
         assert!(e.header_tags.is_empty());
-        let t = e.target("j", "h:1").unwrap();
+        let t = e.target_of(0).unwrap();
+        assert_eq!((t.job, t.instance), ("j", "h:1"));
         assert_eq!(
             (t.labels.clone(), t.tags.clone()),
             (vec![("instance", "h:1")], vec![("pod", "p-1")])
         );
-        assert!(e.target("j", "h:2").is_none());
+        assert!(e.target_of(1).is_none());
+        assert_eq!(e.series(), 2);
+        // An index beyond the targets is refused.
+        let mut bad = r.enrichment.to_vec();
+        let n = bad.len();
+        bad[n - 4..n - 2].copy_from_slice(&5u16.to_le_bytes());
+        assert!(Enrichment::parse(&bad).unwrap_err().contains("index 5"));
         assert!(RemoteWritePayload::parse(2, &p[..5]).is_err());
         // Every truncation of the section is an error, never a panic.
         for cut in 0..r.enrichment.len() {
