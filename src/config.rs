@@ -46,6 +46,12 @@ pub struct EnrichSection {
     pub sync_interval: Option<String>,
     pub sync_timeout: Option<String>,
     pub custom_tags: Option<std::collections::BTreeMap<String, String>>,
+    /// Tag name → source: a discovered label (`__meta_...`), `label:NAME` (a target
+    /// label) or `instance:host`; `""` removes a default rule.
+    pub meta_tags: Option<std::collections::BTreeMap<String, String>>,
+    /// Request header → tag name.
+    pub header_tags: Option<std::collections::BTreeMap<String, String>>,
+    pub header_tag_bytes_max: Option<usize>,
 }
 
 /// The validated `[enrich]` settings.
@@ -55,6 +61,10 @@ pub struct EnrichSettings {
     pub interval: std::time::Duration,
     pub timeout: std::time::Duration,
     pub custom_tags: Vec<(String, String)>,
+    pub rules: Vec<promgate_shards::enrich::MetaRule>,
+    /// (header name in lowercase, tag name), sorted by tag name.
+    pub header_tags: Vec<(String, String)>,
+    pub header_tag_bytes_max: usize,
 }
 
 fn is_label_name(s: &str) -> bool {
@@ -91,11 +101,56 @@ impl EnrichSection {
             }
             custom_tags.push((n.clone(), v.clone()));
         }
+        use promgate_shards::enrich::{EnrichConfig, MetaRule, Source};
+        let mut rules = EnrichConfig::default_rules();
+        for (tag, source) in self.meta_tags.iter().flatten() {
+            if !is_label_name(tag) {
+                bail!("enrich.meta_tags: {tag:?} is not a valid label name");
+            }
+            rules.retain(|r| r.tag != *tag);
+            let source = if source.is_empty() {
+                continue;
+            } else if source == "instance:host" {
+                Source::InstanceHost
+            } else if let Some(l) = source.strip_prefix("label:") {
+                Source::TargetLabel(l.to_string())
+            } else if is_label_name(source) {
+                Source::Discovered(source.clone())
+            } else {
+                bail!("enrich.meta_tags.{tag}: {source:?} is not a discovered label name, label:NAME or instance:host");
+            };
+            rules.push(MetaRule {
+                tag: tag.clone(),
+                source,
+            });
+        }
+        let mut header_tags = Vec::new();
+        for (header, tag) in self.header_tags.iter().flatten() {
+            if header.is_empty()
+                || !header
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                bail!("enrich.header_tags: {header:?} is not a header name");
+            }
+            if !is_label_name(tag) {
+                bail!("enrich.header_tags.{header}: {tag:?} is not a valid label name");
+            }
+            header_tags.push((header.to_ascii_lowercase(), tag.clone()));
+        }
+        header_tags.sort_by(|a, b| a.1.cmp(&b.1));
+        let header_tag_bytes_max = self.header_tag_bytes_max.unwrap_or(256);
+        if header_tag_bytes_max == 0 || header_tag_bytes_max > 4096 {
+            bail!("enrich.header_tag_bytes_max must be 1 to 4096");
+        }
         Ok(EnrichSettings {
             addresses,
             interval: ms(&self.sync_interval, "30s", "sync_interval")?,
             timeout: ms(&self.sync_timeout, "5s", "sync_timeout")?,
             custom_tags,
+            rules,
+            header_tags,
+            header_tag_bytes_max,
         })
     }
 }
@@ -430,7 +485,7 @@ impl AgentConfig {
             n => n,
         };
         let explicit_dir = flags.data_dir.clone().or(file.agent.data_dir);
-        let receive = ReceiveConfig {
+        let mut receive = ReceiveConfig {
             connections_per_shard_max: flags
                 .connections_per_shard_max
                 .or(file.receive.connections_per_shard_max)
@@ -469,6 +524,9 @@ impl AgentConfig {
                     .label_value_bytes_max
                     .unwrap_or(l.label_value_bytes_max),
             },
+            // From [enrich], below.
+            header_tags: Vec::new(),
+            header_tag_bytes_max: r.header_tag_bytes_max,
         };
         let w = WalConfig::default();
         let fsync: Fsync = match flags.wal_fsync.clone().or(file.wal.fsync) {
@@ -523,6 +581,8 @@ impl AgentConfig {
             bail!("ship.batch_samples_max must be positive");
         }
         let enrich = file.enrich.resolve()?;
+        receive.header_tags = enrich.header_tags.clone();
+        receive.header_tag_bytes_max = enrich.header_tag_bytes_max;
         let config = AgentConfig {
             enrich,
             ship,

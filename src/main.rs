@@ -139,7 +139,7 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
     use promgate_shards::enrich::{EnrichConfig, Enricher};
     use promgate_shards::snapshot::{spawn_poller, SnapshotCell, SnapshotMetrics};
     let enrich_config = EnrichConfig {
-        rules: EnrichConfig::default_rules(),
+        rules: config.enrich.rules.clone(),
         custom_tags: config.enrich.custom_tags.clone(),
         agent: config
             .ship

@@ -1,10 +1,18 @@
 //! End to end with real components: Debian's `prometheus` (A) scrapes itself and
-//! `prometheus-node-exporter` on 127.0.0.1 and remote_writes to the agent (with its
-//! in-process server); the agent's count of accepted samples must equal Prometheus's own
+//! `prometheus-node-exporter` on 127.0.0.1 (found through `file_sd_configs` with target
+//! labels, and `relabel_configs`) and remote_writes to the agent (with its in-process
+//! server); the agent's count of accepted samples must equal Prometheus's own
 //! `prometheus_remote_storage_samples_total`, with nothing failed, retried or dropped.
+//! The agent polls A's targets API: the server's query API must show each series' meta
+//! and custom tags as `df_NAME`, and `df_` matchers must select by them.
 //! A second `prometheus` (B) has no scrape targets and `remote_read`s from the promgate
 //! server (`read_recent: true`): a set of PromQL queries, instant and range, must give
-//! the same series and values on A and B over the same window.
+//! the same series and values on A and B over the same window (tags never leak into
+//! remote_read's labels).
+//!
+//! A second test stops the polled Prometheus (SIGSTOP, so its API hangs rather than
+//! refuses) while another Prometheus keeps remote_writing: the agent keeps its last
+//! snapshot (new samples still get its meta tags), marks it stale, and loses nothing.
 //!
 //! The binaries must be on PATH: `scripts/test.sh` installs them
 //! (`apt-get install -y prometheus prometheus-node-exporter`).
@@ -52,7 +60,15 @@ fn prometheus_remote_write_counts_match() {
     std::fs::write(
         &agent_config,
         format!(
-            "[enrich]\nprometheus_http_api_addresses = [\"http://127.0.0.1:{prom_port}\"]\nsync_interval = \"1s\"\n"
+            r#"[enrich]
+prometheus_http_api_addresses = ["http://127.0.0.1:{prom_port}"]
+sync_interval = "1s"
+[enrich.custom_tags]
+region = "eu-1"
+team = "platform"
+[enrich.meta_tags]
+sd_file = "__meta_filepath"
+"#
         ),
     )
     .unwrap();
@@ -70,6 +86,12 @@ fn prometheus_remote_write_counts_match() {
             .spawn()
             .expect("start node exporter"),
     );
+    let sd_file = dir.join("node.json");
+    std::fs::write(
+        &sd_file,
+        format!(r#"[{{"targets": ["127.0.0.1:{node_port}"], "labels": {{"team": "infra", "cluster": "c1"}}}}]"#),
+    )
+    .unwrap();
     let config = format!(
         r#"global:
   scrape_interval: 1s
@@ -78,7 +100,14 @@ scrape_configs:
   - job_name: prometheus
     static_configs: [{{targets: ["127.0.0.1:{prom_port}"]}}]
   - job_name: node
-    static_configs: [{{targets: ["127.0.0.1:{node_port}"]}}]
+    file_sd_configs: [{{files: ["{sd}"], refresh_interval: 1s}}]
+    relabel_configs:
+      - target_label: env
+        replacement: test
+      - source_labels: [team]
+        regex: (.+)
+        target_label: owner
+        replacement: team-$1
 remote_write:
   - url: http://127.0.0.1:{agent_port}/api/v1/prometheus
     queue_config:
@@ -87,7 +116,8 @@ remote_write:
     metadata_config:
       send_interval: 2s
 "#,
-        agent_port = agent.port
+        agent_port = agent.port,
+        sd = sd_file.display(),
     );
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -178,7 +208,113 @@ remote_read:
         },
     );
 
+    check_tags(&agent, &sd_file.display().to_string());
     compare_promql(prom_port, b_port, &agent, started);
+}
+
+/// `/api/v1/series` of the server for one selector: each series' labels.
+fn series(agent: &Agent, selector: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    let text = get(
+        agent.query_port,
+        &format!("/api/v1/series?match[]={}", encode(selector)),
+    )
+    .unwrap_or_else(|| panic!("series {selector} failed"));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_object().unwrap().clone())
+        .collect()
+}
+
+/// Meta (Kubernetes-style defaults, `host`, a configured one), agent and custom tags
+/// are on the stored series; `df_` matchers select by them; remote_read returns
+/// the original labels only.
+fn check_tags(agent: &Agent, sd_file: &str) {
+    // Series first shipped before the agent's first sync are sent again once their
+    // target is known; wait for that.
+    wait_for(
+        "node_load1 to carry its target's meta tags",
+        Duration::from_secs(30),
+        || {
+            series(agent, "node_load1")
+                .first()
+                .is_some_and(|s| s.contains_key("df_pod_cluster"))
+        },
+    );
+    let node = &series(agent, "node_load1")[0];
+    let want = [
+        ("job", "node"),
+        ("team", "infra"),
+        ("cluster", "c1"),
+        ("env", "test"),
+        ("owner", "team-infra"),
+        ("df_host", "127.0.0.1"),
+        ("df_pod_cluster", "c1"),
+        ("df_region", "eu-1"),
+        ("df_sd_file", sd_file),
+    ];
+    for (n, v) in want {
+        assert_eq!(
+            node.get(n).and_then(|x| x.as_str()),
+            Some(v),
+            "{n} of {node:?}"
+        );
+    }
+    assert!(node
+        .get("df_agent")
+        .is_some_and(|v| v.as_str().is_some_and(|v| !v.is_empty())));
+    assert!(node.contains_key("df_agent_host"), "{node:?}");
+    assert!(
+        !node.contains_key("df_pod"),
+        "no Kubernetes discovery here: {node:?}"
+    );
+    // `df_` matchers select by tag: the cluster tag is only on the node job's series.
+    let c1 = series(agent, r#"{df_pod_cluster="c1"}"#);
+    assert!(c1.len() > 10, "{} series", c1.len());
+    assert!(c1.iter().all(|s| s["job"] == "node"));
+    let ups = series(agent, r#"up{df_sd_file=~".+"}"#);
+    assert_eq!(ups.len(), 1, "{ups:?}");
+    assert_eq!(ups[0]["job"], "node");
+    assert_eq!(series(agent, r#"up{df_region="eu-1"}"#).len(), 2);
+    assert!(series(agent, r#"up{df_region="us"}"#).is_empty());
+    let labels = get(agent.query_port, "/api/v1/labels").unwrap();
+    for n in ["df_host", "df_region", "df_sd_file", "team"] {
+        assert!(labels.contains(&format!("\"{n}\"")), "{n} not in {labels}");
+    }
+    let values = get(agent.query_port, "/api/v1/label/df_region/values").unwrap();
+    assert!(values.contains("\"eu-1\""), "{values}");
+    // remote_read: a df_ matcher filters, and the labels are exactly Prometheus's.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 60_000;
+    let body = common::read_request(
+        vec![common::query(
+            0,
+            now,
+            &[(0, "__name__", "up"), (0, "df_pod_cluster", "c1")],
+        )],
+        &[0],
+    );
+    let read = common::decode_read(&common::remote_read_raw(agent.query_port, &body), 1);
+    assert_eq!(read[0].len(), 1);
+    let names: Vec<&str> = read[0][0].labels.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["__name__", "cluster", "env", "instance", "job", "owner", "team"]
+    );
+    // The custom tag `team` clashes with the node target's own `team` label: the
+    // original wins there; the prometheus job's series, which have no `team`, get it.
+    assert!(!node.contains_key("df_team"), "{node:?}");
+    let platform = series(agent, r#"{df_team="platform"}"#);
+    assert!(!platform.is_empty());
+    assert!(platform.iter().all(|s| s["job"] == "prometheus"));
+    let m = agent.metrics();
+    assert!(metric_sum(&m, "promgate_agent_enrich_hits_total") > 0.0);
+    assert!(metric_sum(&m, "promgate_agent_enrich_clashes_total") > 0.0);
 }
 
 /// `data.result` of a query API answer, each series as (sorted labels JSON, values),

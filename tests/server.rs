@@ -596,3 +596,58 @@ fn a_deleted_wal_starts_a_new_epoch_instead_of_being_taken_for_a_replay() {
         "the new WAL's first record was skipped as a replay: {samples:?}"
     );
 }
+
+/// `[enrich.header_tags]`: a named request header becomes a tag of every series of the
+/// request (`df_tenant`); an over-long value is a 400 naming the header, and nothing of
+/// that request is written; the connection keeps serving.
+#[test]
+fn request_headers_become_tags_within_their_length_limit() {
+    let dir = temp_dir("server-header-tags");
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        "[enrich]\nheader_tag_bytes_max = 16\n[enrich.header_tags]\nX-Tenant = \"tenant\"\n",
+    )
+    .unwrap();
+    let agent = Agent::start_in(
+        &dir,
+        &dir.join("data"),
+        free_port(),
+        &["--shards", "1", "--config", config.to_str().unwrap()],
+    );
+    let mut c = Client::connect(agent.port).unwrap();
+    let with = |tenant: &str| {
+        let mut h: Vec<(&str, &str)> = common::V1.to_vec();
+        h.push(("x-tenant", tenant));
+        h.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let send = |c: &mut Client, tenant: &str| {
+        let h = with(tenant);
+        let h: Vec<(&str, &str)> = h.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        c.request("POST", "/api/v1/write", &h, &common::golden("v1_basic.bin"))
+            .unwrap()
+    };
+    let r = send(&mut c, "a-tenant-name-over-16");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("x-tenant"), "{}", r.text());
+    assert_eq!(
+        metric_sum(&agent.metrics(), "promgate_agent_decode_samples_total"),
+        0.0
+    );
+    let r = send(&mut c, "acme");
+    assert_eq!(r.status, 204, "{}", r.text());
+    wait_shipped(&agent);
+    let get = |path: &str| {
+        let mut q = Client::connect(agent.query_port).unwrap();
+        q.request("GET", path, &[], b"").unwrap().text()
+    };
+    let all: serde_json::Value =
+        serde_json::from_str(&get("/api/v1/series?match[]=%7B__name__%3D~%22.%2B%22%7D")).unwrap();
+    let tagged: serde_json::Value =
+        serde_json::from_str(&get("/api/v1/series?match[]=%7Bdf_tenant%3D%22acme%22%7D")).unwrap();
+    let n = all["data"].as_array().unwrap().len();
+    assert!(n > 0);
+    assert_eq!(tagged["data"].as_array().unwrap().len(), n, "{tagged}");
+}

@@ -31,6 +31,8 @@ pub struct Head {
     pub expect_continue: bool,
     pub content_type: Option<Range<usize>>,
     pub content_encoding: Option<Range<usize>>,
+    /// Values of the headers asked for by [`parse_head_with`]: (index in its list, value).
+    pub wanted: Vec<(usize, Range<usize>)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +64,12 @@ fn range_of(buf: &[u8], part: &[u8]) -> Range<usize> {
 
 /// Parses a request head from the start of `buf`; `Ok(None)` means more bytes are needed.
 pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
+    parse_head_with(buf, &[])
+}
+
+/// [`parse_head`], also collecting the values of the headers named in `wanted`
+/// (lowercase).
+pub fn parse_head_with(buf: &[u8], wanted: &[String]) -> Result<Option<Head>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
@@ -91,10 +99,17 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
         expect_continue: false,
         content_type: None,
         content_encoding: None,
+        wanted: Vec::new(),
     };
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let value = h.value;
+        if let Some(i) = wanted
+            .iter()
+            .position(|w| name.eq_ignore_ascii_case(w.as_bytes()))
+        {
+            head.wanted.push((i, range_of(buf, value)));
+        }
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = std::str::from_utf8(value)
                 .ok()

@@ -14,7 +14,7 @@ pub const STATUSES: [u16; 13] = [
 ];
 
 /// Request-level refusals, labelled `reason` on `promgate_agent_receive_rejected_total`.
-pub const REQUEST_REJECTS: [&str; 11] = [
+pub const REQUEST_REJECTS: [&str; 12] = [
     "content_type",
     "content_encoding",
     "body_too_large",
@@ -26,6 +26,7 @@ pub const REQUEST_REJECTS: [&str; 11] = [
     "timeout",
     "sink_unavailable",
     "partial",
+    "bad_header",
 ];
 
 /// Upper bounds of the time histograms' buckets (decode, fsync), in seconds.

@@ -41,6 +41,10 @@ pub struct ReceiveConfig {
     /// `Retry-After` sent with the 503 that refuses a connection over the shard limit.
     pub retry_after_s: u32,
     pub limits: Limits,
+    /// `[enrich.header_tags]`: (header name in lowercase, tag name), sorted by tag name.
+    pub header_tags: Vec<(String, String)>,
+    /// Longest header value taken as a tag (400 above).
+    pub header_tag_bytes_max: usize,
 }
 
 impl Default for ReceiveConfig {
@@ -56,6 +60,8 @@ impl Default for ReceiveConfig {
             write_timeout_ms: 30_000,
             retry_after_s: 5,
             limits: Limits::default(),
+            header_tags: Vec::new(),
+            header_tag_bytes_max: 256,
         }
     }
 }
@@ -68,6 +74,8 @@ pub struct ShardContext<S> {
     pub ready: Arc<AtomicBool>,
     pub sink: S,
     open: Cell<usize>,
+    /// The header names of `config.header_tags`, for the head parser.
+    header_names: Vec<String>,
 }
 
 impl<S> ShardContext<S> {
@@ -80,6 +88,7 @@ impl<S> ShardContext<S> {
     ) -> Self {
         ShardContext {
             id,
+            header_names: config.header_tags.iter().map(|(h, _)| h.clone()).collect(),
             config,
             metrics,
             ready,
@@ -259,7 +268,7 @@ impl<S: Sink> Conn<S> {
         );
         loop {
             if self.filled > 0 {
-                match http::parse_head(&self.input[..self.filled]) {
+                match http::parse_head_with(&self.input[..self.filled], &self.ctx.header_names) {
                     Ok(Some(head)) => return Ok(Some(head)),
                     Ok(None) => {}
                     Err(e) => {
@@ -328,6 +337,31 @@ impl<S: Sink> Conn<S> {
         self.write(head).await
     }
 
+    /// Tags from the request's headers (`[enrich.header_tags]`), sorted by tag name; an
+    /// over-long or non-UTF-8 value is an error naming the header.
+    fn header_tags(&self, head: &Head) -> Result<Vec<(String, String)>, String> {
+        let cfg = &self.ctx.config;
+        let mut out = Vec::with_capacity(head.wanted.len());
+        for (i, range) in &head.wanted {
+            let (header, tag) = &cfg.header_tags[*i];
+            let v = std::str::from_utf8(&self.input[range.clone()])
+                .map_err(|_| format!("header {header} is not UTF-8"))?
+                .trim();
+            if v.len() > cfg.header_tag_bytes_max {
+                return Err(format!(
+                    "header {header} is {} bytes, over the {} allowed for tag {tag}",
+                    v.len(),
+                    cfg.header_tag_bytes_max
+                ));
+            }
+            if !v.is_empty() && !out.iter().any(|(n, _)| n == tag) {
+                out.push((tag.clone(), v.to_string()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// The remote_write chain.
     async fn write(&mut self, head: &Head) -> io::Result<Answer> {
         let ctx = self.ctx.clone();
@@ -342,6 +376,16 @@ impl<S: Sink> Conn<S> {
             Ok(p) => p,
             Err((e, protocol)) => {
                 let mut answer = self.refused(&e, protocol);
+                answer.close |= !self.skip_body(head).await?;
+                return Ok(answer);
+            }
+        };
+        let header_tags = match self.header_tags(head) {
+            Ok(t) => t,
+            Err(message) => {
+                metrics.request_reject("bad_header");
+                let mut answer = Answer::new(400, message);
+                answer.written = (protocol == Protocol::V2).then_some((0, 0, 0));
                 answer.close |= !self.skip_body(head).await?;
                 return Ok(answer);
             }
@@ -375,7 +419,7 @@ impl<S: Sink> Conn<S> {
         let started = Instant::now();
         let body_len = body.1.len();
         let answer = self
-            .decode_and_sink(protocol, body.0, body.1, started)
+            .decode_and_sink(protocol, body.0, body.1, started, &header_tags)
             .await;
         metrics.receive_bytes.fetch_add(body_len as u64, Relaxed);
         Ok(answer)
@@ -387,6 +431,7 @@ impl<S: Sink> Conn<S> {
         consumed: usize,
         body: std::ops::Range<usize>,
         started: Instant,
+        header_tags: &[(String, String)],
     ) -> Answer {
         let ctx = self.ctx.clone();
         let metrics = ctx.metrics();
@@ -426,6 +471,10 @@ impl<S: Sink> Conn<S> {
             return self.refused(&RequestError::Decode(e), Some(protocol));
         }
         let counts = self.batch.counts();
+        let tag_refs: Vec<(&str, &str)> = header_tags
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
         let written = if self.batch.is_empty() {
             Ok(())
         } else {
@@ -436,7 +485,7 @@ impl<S: Sink> Conn<S> {
                     batch: &self.batch,
                     body: raw,
                 },
-                header_tags: &[],
+                header_tags: &tag_refs,
             };
             ctx.sink.write(accepted).await
         };
