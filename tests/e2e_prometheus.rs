@@ -146,39 +146,7 @@ remote_read:
         Duration::from_secs(90),
         || prom_metric("prometheus_remote_storage_samples_total").unwrap_or(0.0) >= 5000.0,
     );
-    // Between sends both counters stand still; find such a moment and compare.
-    let mut last = (0.0, 0.0);
-    let mut matched = false;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let before = prom_metric("prometheus_remote_storage_samples_total").unwrap();
-        let ours = metric_sum(&agent.metrics(), "promgate_agent_decode_samples_total");
-        let after = prom_metric("prometheus_remote_storage_samples_total").unwrap();
-        assert!(
-            ours <= after,
-            "agent counted {ours} samples but Prometheus sent only {after}"
-        );
-        last = (after, ours);
-        if before == after && ours == after {
-            matched = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        matched,
-        "counts never matched: Prometheus {} vs agent {}",
-        last.0, last.1
-    );
-
-    let text = get(prom_port, "/metrics").unwrap();
-    for bad in [
-        "prometheus_remote_storage_samples_failed_total",
-        "prometheus_remote_storage_samples_retried_total",
-        "prometheus_remote_storage_samples_dropped_total",
-    ] {
-        assert_eq!(metric_sum(&text, bad), 0.0, "{bad} must stay 0");
-    }
+    assert_counts_match(prom_port, &agent);
     let agent_text = agent.metrics();
     assert!(
         metric_sum(&agent_text, "promgate_agent_decode_metadata_total") > 0.0,
@@ -315,6 +283,233 @@ fn check_tags(agent: &Agent, sd_file: &str) {
     let m = agent.metrics();
     assert!(metric_sum(&m, "promgate_agent_enrich_hits_total") > 0.0);
     assert!(metric_sum(&m, "promgate_agent_enrich_clashes_total") > 0.0);
+}
+
+/// Prometheus's count of samples it sent equals the agent's count of samples it
+/// accepted, and Prometheus failed, retried and dropped nothing.
+fn assert_counts_match(prom_port: u16, agent: &Agent) {
+    let prom_metric = |name: &str| get(prom_port, "/metrics").map(|t| metric_sum(&t, name));
+    // Between sends both counters stand still; find such a moment and compare.
+    let mut last = (0.0, 0.0);
+    let mut matched = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let before = prom_metric("prometheus_remote_storage_samples_total").unwrap();
+        let ours = metric_sum(&agent.metrics(), "promgate_agent_decode_samples_total");
+        let after = prom_metric("prometheus_remote_storage_samples_total").unwrap();
+        assert!(
+            ours <= after,
+            "agent counted {ours} samples but Prometheus sent only {after}"
+        );
+        last = (after, ours);
+        if before == after && ours == after {
+            matched = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        matched,
+        "counts never matched: Prometheus {} vs agent {}",
+        last.0, last.1
+    );
+    let text = get(prom_port, "/metrics").unwrap();
+    for bad in [
+        "prometheus_remote_storage_samples_failed_total",
+        "prometheus_remote_storage_samples_retried_total",
+        "prometheus_remote_storage_samples_dropped_total",
+    ] {
+        assert_eq!(metric_sum(&text, bad), 0.0, "{bad} must stay 0");
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// The polled Prometheus (P) is stopped while another (W) keeps remote_writing series
+/// of the same target: the agent keeps P's last targets (marked stale), still tags new
+/// samples with them, answers every request 2xx, and every sample W sent is stored.
+#[test]
+fn a_stopped_prometheus_api_keeps_the_last_snapshot_and_loses_nothing() {
+    need("prometheus");
+    need("prometheus-node-exporter");
+    let dir = temp_dir("e2e-outage");
+    let (p_port, w_port, node_port) = (free_port(), free_port(), free_port());
+    let agent_config = dir.join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "[enrich]\nprometheus_http_api_addresses = [\"http://127.0.0.1:{p_port}\"]\nsync_interval = \"500ms\"\nsync_timeout = \"500ms\"\n"
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(
+        "e2e-outage-agent",
+        &["--shards", "2", "--config", agent_config.to_str().unwrap()],
+    );
+    let _node = Proc(
+        Command::new("prometheus-node-exporter")
+            .arg(format!("--web.listen-address=127.0.0.1:{node_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start node exporter"),
+    );
+    let sd_file = dir.join("node.json");
+    std::fs::write(
+        &sd_file,
+        format!(r#"[{{"targets": ["127.0.0.1:{node_port}"], "labels": {{"cluster": "c1"}}}}]"#),
+    )
+    .unwrap();
+    // P: polled only.
+    let p_dir = dir.join("p");
+    std::fs::create_dir_all(&p_dir).unwrap();
+    let p = start_prometheus(
+        &p_dir,
+        p_port,
+        &format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: node\n    file_sd_configs: [{{files: [\"{}\"], refresh_interval: 1s}}]\n",
+            sd_file.display()
+        ),
+    );
+    // W: the same target, written to the agent.
+    let w_dir = dir.join("w");
+    std::fs::create_dir_all(&w_dir).unwrap();
+    let _w = start_prometheus(
+        &w_dir,
+        w_port,
+        &format!(
+            r#"global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: node
+    static_configs: [{{targets: ["127.0.0.1:{node_port}"], labels: {{cluster: c1}}}}]
+remote_write:
+  - url: http://127.0.0.1:{}/api/v1/prometheus
+    queue_config:
+      batch_send_deadline: 1s
+"#,
+            agent.port
+        ),
+    );
+    wait_for(
+        "the snapshot of P's target",
+        Duration::from_secs(60),
+        || {
+            let m = agent.metrics();
+            metric_sum(&m, "promgate_agent_snapshot_targets") == 1.0
+                && metric_sum(&m, "promgate_agent_snapshot_stale") == 0.0
+        },
+    );
+    let w_sent = || {
+        get(w_port, "/metrics")
+            .map(|t| metric_sum(&t, "prometheus_remote_storage_samples_total"))
+            .unwrap_or(0.0)
+    };
+    wait_for("W to send 3000 samples", Duration::from_secs(60), || {
+        w_sent() >= 3000.0
+    });
+
+    // Stop P: its API now hangs (each sync times out).
+    let stopped = Command::new("kill")
+        .args(["-STOP", &p.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let t_stop = now_ms();
+    wait_for(
+        "the snapshot to be marked stale",
+        Duration::from_secs(20),
+        || {
+            let m = agent.metrics();
+            metric_sum(&m, "promgate_agent_snapshot_stale") == 1.0
+                && metric_sum(&m, "promgate_agent_snapshot_sync_errors_total") >= 2.0
+        },
+    );
+    let before = w_sent();
+    wait_for(
+        "5 s of W's writes during the outage",
+        Duration::from_secs(60),
+        || now_ms() > t_stop + 5000 && w_sent() > before,
+    );
+    let m = agent.metrics();
+    assert_eq!(
+        metric_sum(&m, "promgate_agent_snapshot_targets"),
+        1.0,
+        "last targets kept"
+    );
+    assert_counts_match(w_port, &agent);
+
+    // Every sample W has of node_load1 over a window reaching past the stop is stored,
+    // and the ones received during the outage carry P's meta tag.
+    let end = now_ms() - 3000;
+    let highest = || {
+        get(w_port, "/metrics").map_or(0.0, |t| {
+            metric_sum(
+                &t,
+                "prometheus_remote_storage_queue_highest_sent_timestamp_seconds",
+            )
+        })
+    };
+    wait_for(
+        "W to have sent past the window",
+        Duration::from_secs(30),
+        || highest() * 1000.0 >= (end + 2000) as f64,
+    );
+    wait_shipped(&agent);
+    let window_s = 120;
+    let text = get(
+        w_port,
+        &format!(
+            "/api/v1/query?query={}&time={:.3}",
+            encode(&format!("node_load1[{window_s}s]")),
+            end as f64 / 1000.0
+        ),
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let w_samples: Vec<(i64, u64)> = v["data"]["result"][0]["values"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{text}"))
+        .iter()
+        .map(|p| {
+            let t = (p[0].as_f64().unwrap() * 1000.0).round() as i64;
+            let x: f64 = p[1].as_str().unwrap().parse().unwrap();
+            (t, x.to_bits())
+        })
+        .collect();
+    assert!(w_samples.len() >= 5, "{text}");
+    assert!(
+        w_samples.iter().any(|(t, _)| *t > t_stop + 1000),
+        "the window reaches into the outage: stop {t_stop}, end {end}, {w_samples:?}"
+    );
+    let body = common::read_request(
+        vec![common::query(
+            end - window_s * 1000 + 1,
+            end,
+            &[(0, "__name__", "node_load1"), (0, "df_host", "127.0.0.1")],
+        )],
+        &[0],
+    );
+    let read = common::decode_read(&common::remote_read_raw(agent.query_port, &body), 1);
+    assert_eq!(read[0].len(), 1, "one node_load1 series, tagged");
+    assert_eq!(read[0][0].samples, w_samples);
+    let non_2xx: f64 = agent
+        .metrics()
+        .lines()
+        .filter(|l| {
+            l.starts_with("promgate_agent_receive_requests_total") && !l.contains("code=\"2")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(non_2xx, 0.0);
+    let _ = Command::new("kill")
+        .args(["-CONT", &p.0.id().to_string()])
+        .status();
 }
 
 /// `data.result` of a query API answer, each series as (sorted labels JSON, values),
