@@ -26,9 +26,9 @@
 
 use crate::snapshot::{Labels, Snapshot, SnapshotCell, Target};
 use crate::wal::format::{put_pairs, put_series_targets, put_target, NO_TARGET};
+use hashbrown::HashMap;
 use promgate_proto::Decoded;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -161,9 +161,9 @@ pub fn base_tags(cfg: &EnrichConfig) -> Labels {
 }
 
 /// How many of `tags` (sorted by name) are named like one of `labels` (sorted by name).
-pub fn count_clashes<'a>(
-    labels: impl Iterator<Item = &'a str>,
-    tags: impl Iterator<Item = &'a str>,
+pub fn count_clashes<'a, T: Ord + ?Sized + 'a>(
+    labels: impl Iterator<Item = &'a T>,
+    tags: impl Iterator<Item = &'a T>,
 ) -> u32 {
     let mut labels = labels.peekable();
     let mut n = 0;
@@ -259,6 +259,10 @@ pub struct EnrichMetrics {
     pub clashes: AtomicU64,
 }
 
+fn text(b: &[u8]) -> &str {
+    std::str::from_utf8(b).unwrap_or("\u{FFFD}")
+}
+
 /// One shard's enricher (not shared across threads).
 pub struct Enricher {
     cell: Arc<SnapshotCell>,
@@ -299,58 +303,69 @@ impl Enricher {
         list.clear();
         per_series.clear();
         let (mut hits, mut misses, mut clashes) = (0u64, 0u64, 0u64);
-        let mut last: Option<(&str, &str, Option<Arc<Target>>)> = None;
+        // Consecutive series mostly share a target: the last lookup is reused.
+        let mut last: Option<(&[u8], &[u8], u16)> = None;
         for s in &d.batch.series {
+            // Bytes, not text: the decoder checked UTF-8 already, and comparing names
+            // needs no second check.
+            let labels = &d.batch.labels[s.labels.range()];
             let (mut job, mut instance) = (None, None);
-            for (n, v) in d.labels(s.labels) {
-                match n {
-                    "instance" => instance = Some(v),
-                    "job" => {
-                        job = Some(v);
-                        break; // names are sorted: `instance` came before
-                    }
-                    _ if n > "job" => break,
-                    _ => {}
+            for l in labels {
+                let n = d.bytes(l.name);
+                if n == b"instance" {
+                    instance = Some(d.bytes(l.value));
+                } else if n == b"job" {
+                    job = Some(d.bytes(l.value));
+                    break; // names are sorted: `instance` came before
+                } else if n > &b"job"[..] {
+                    break;
                 }
             }
-            let target = match (job, instance) {
-                _ if snapshot.is_empty() => None,
-                (Some(j), Some(i)) => match &last {
-                    Some((lj, li, t)) if *lj == j && *li == i => t.clone(),
+            let ix = match (job, instance) {
+                (Some(j), Some(i)) if !snapshot.is_empty() => match last {
+                    Some((lj, li, ix)) if lj == j && li == i => ix,
                     _ => {
-                        let t = snapshot.target(j, i).cloned();
-                        last = Some((j, i, t.clone()));
-                        t
+                        let ix = match snapshot.target(text(j), text(i)) {
+                            // (`text` cannot fail: the decoder checked UTF-8.)
+                            Some(t) => match seen.get(&Arc::as_ptr(t)) {
+                                Some(&ix) => ix,
+                                // A request with more distinct targets than a u16 index
+                                // holds (absurd) gives the excess series the agent's
+                                // tags only.
+                                None if list.len() >= usize::from(NO_TARGET) => NO_TARGET,
+                                None => {
+                                    list.push(t.clone());
+                                    let ix = (list.len() - 1) as u16;
+                                    seen.insert(Arc::as_ptr(t), ix);
+                                    ix
+                                }
+                            },
+                            None => NO_TARGET,
+                        };
+                        last = Some((j, i, ix));
+                        ix
                     }
                 },
-                _ => None,
+                _ => NO_TARGET,
             };
-            let names = d.labels(s.labels).map(|(n, _)| n);
-            // A request with more distinct targets than fit a u16 index (absurd) gives
-            // the excess series the agent's tags only.
-            let target = target.filter(|t| {
-                seen.contains_key(&Arc::as_ptr(t)) || list.len() < usize::from(NO_TARGET)
-            });
-            let tags = match &target {
-                Some(t) => {
-                    hits += 1;
-                    let ix = *seen.entry(Arc::as_ptr(t)).or_insert_with(|| {
-                        list.push(t.clone());
-                        (list.len() - 1) as u16
-                    });
-                    per_series.push(ix);
-                    &t.tags
-                }
-                None => {
-                    misses += 1;
-                    per_series.push(NO_TARGET);
-                    &self.base
-                }
+            per_series.push(ix);
+            let tags = if ix == NO_TARGET {
+                misses += 1;
+                &self.base
+            } else {
+                hits += 1;
+                &list[usize::from(ix)].tags
             };
-            clashes += u64::from(count_clashes(names, tags.iter().map(|(n, _)| n.as_str())));
+            let names = || labels.iter().map(|l| d.bytes(l.name));
+            clashes += u64::from(count_clashes(
+                names(),
+                tags.iter().map(|(n, _)| n.as_bytes()),
+            ));
             if !header_tags.is_empty() {
-                let names = d.labels(s.labels).map(|(n, _)| n);
-                clashes += u64::from(count_clashes(names, header_tags.iter().map(|(n, _)| *n)));
+                clashes += u64::from(count_clashes(
+                    names(),
+                    header_tags.iter().map(|(n, _)| n.as_bytes()),
+                ));
             }
         }
         put_pairs(out, self.base.iter().map(|(n, v)| (n.as_str(), v.as_str())));

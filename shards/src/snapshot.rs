@@ -46,7 +46,9 @@ pub struct Target {
 pub struct Snapshot {
     /// Increases with every published snapshot; 0 is the empty one before the first sync.
     pub version: u64,
-    by_job: HashMap<String, HashMap<String, Arc<Target>>>,
+    /// hashbrown's default (foldhash) hasher: one lookup per series on the receive path.
+    /// Lookups never insert, so a sender's label values cannot grow or skew the table.
+    by_job: hashbrown::HashMap<String, hashbrown::HashMap<String, Arc<Target>>>,
     len: usize,
 }
 
@@ -204,7 +206,8 @@ pub fn parse_honor_labels(body: &[u8]) -> Result<HashMap<String, bool>, String> 
 /// Merges the targets of every address (later addresses win on equal keys), giving
 /// each its tags under `cfg`.
 pub fn merge(version: u64, per_address: &[Vec<Target>], cfg: &EnrichConfig) -> Snapshot {
-    let mut by_job: HashMap<String, HashMap<String, Arc<Target>>> = HashMap::new();
+    let mut by_job: hashbrown::HashMap<String, hashbrown::HashMap<String, Arc<Target>>> =
+        hashbrown::HashMap::new();
     for list in per_address {
         for t in list {
             let mut t = t.clone();
