@@ -137,7 +137,7 @@ fn main() {
         agent_host: "node-a".into(),
     };
     let hit = Arc::new(SnapshotCell::default());
-    hit.publish(merge(1, &[targets.clone()], &cfg));
+    hit.publish(merge(1, std::slice::from_ref(&targets), &cfg));
     let miss = Arc::new(SnapshotCell::default());
     println!(
         "load: {BODIES} requests x {SAMPLES_PER_REQUEST} series (10 labels); {} targets, {:.1} target labels each",
