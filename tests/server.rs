@@ -606,7 +606,7 @@ fn request_headers_become_tags_within_their_length_limit() {
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
-        "[enrich]\nheader_tag_bytes_max = 16\n[enrich.header_tags]\nX-Tenant = \"tenant\"\n",
+        "[query]\nmeta_tags_in_labels = true\n[enrich]\nheader_tag_bytes_max = 16\n[enrich.header_tags]\nX-Tenant = \"tenant\"\n",
     )
     .unwrap();
     let agent = Agent::start_in(
@@ -650,4 +650,32 @@ fn request_headers_become_tags_within_their_length_limit() {
     let n = all["data"].as_array().unwrap().len();
     assert!(n > 0);
     assert_eq!(tagged["data"].as_array().unwrap().len(), n, "{tagged}");
+    // `[query] meta_tags_in_labels = true`: remote_read's label sets carry the tags.
+    let body = read_request(
+        vec![query(
+            i64::MIN / 2,
+            i64::MAX / 2,
+            &[(0, "df_tenant", "acme")],
+        )],
+        &[0],
+    );
+    let read = decode_read(&remote_read_raw(agent.query_port, &body), 1);
+    assert_eq!(read[0].len(), n);
+    for s in &read[0] {
+        assert!(
+            s.labels.contains(&("df_tenant".into(), "acme".into())),
+            "{:?}",
+            s.labels
+        );
+        assert!(
+            s.labels.iter().any(|(n, _)| n == "df_agent"),
+            "{:?}",
+            s.labels
+        );
+        assert!(
+            s.labels.windows(2).all(|w| w[0].0 < w[1].0),
+            "sorted: {:?}",
+            s.labels
+        );
+    }
 }
