@@ -31,7 +31,7 @@ use promgate_proto::ship::{
 };
 use promgate_proto::{decode, Batch, Decoded, Limits, Protocol, RejectCounts};
 use rkyv::util::AlignedVec;
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -190,12 +190,16 @@ fn labels_of<'a>(it: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<Label> {
     .collect()
 }
 
+fn put_key_bytes(key: &mut Vec<u8>, n: &[u8], v: &[u8]) {
+    key.extend_from_slice(&(n.len() as u32).to_le_bytes());
+    key.extend_from_slice(n);
+    key.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    key.extend_from_slice(v);
+}
+
 fn put_key<'a>(key: &mut Vec<u8>, pairs: impl Iterator<Item = (&'a str, &'a str)>) {
     for (n, v) in pairs {
-        key.extend_from_slice(&(n.len() as u32).to_le_bytes());
-        key.extend_from_slice(n.as_bytes());
-        key.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        key.extend_from_slice(v.as_bytes());
+        put_key_bytes(key, n.as_bytes(), v.as_bytes());
     }
 }
 
@@ -246,7 +250,11 @@ impl BatchBuilder {
         target_labels: &[(&str, &str)],
     ) -> u32 {
         self.key.clear();
-        put_key(&mut self.key, d.labels(labels));
+        // Raw bytes: the record was validated when it was received, and this runs for
+        // every sample, so no second UTF-8 check.
+        for l in &d.batch.labels[labels.range()] {
+            put_key_bytes(&mut self.key, d.bytes(l.name), d.bytes(l.value));
+        }
         self.key.extend_from_slice(&target_ref.to_le_bytes());
         if let Some(r) = self.refs.get(&self.key) {
             return *r;
