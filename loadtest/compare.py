@@ -34,6 +34,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
 TICK = os.sysconf("SC_CLK_TCK")
+AGENT_ARGS = []  # --agent-args
 
 
 def log(msg):
@@ -136,7 +137,7 @@ class Promgate(System):
                             "server.log")
         wait_http(f"http://127.0.0.1:{query}/-/healthy", "promgate server")
         self.spawn([os.path.join(RELEASE, "promgate"), "agent", "--data-dir", "agent",
-                    "--listen", f"127.0.0.1:{agent}", "--server", f"127.0.0.1:{ship}"], "agent.log")
+                    "--listen", f"127.0.0.1:{agent}", "--server", f"127.0.0.1:{ship}", *AGENT_ARGS], "agent.log")
         self.procs = [self.procs[1], server]
         self.agent, self.query = agent, query
         wait_http(f"http://127.0.0.1:{agent}/-/ready", "promgate agent")
@@ -277,7 +278,9 @@ def main():
     ap.add_argument("--rates", default="0,100000", help="samples/s per run; 0 = flat out")
     ap.add_argument("--systems", default="promgate,vmagent,vm,prometheus")
     ap.add_argument("--json", action="store_true", help="also print each row as JSON")
+    ap.add_argument("--agent-args", default="", help="extra flags for promgate agent, e.g. '--shards 1'")
     args = ap.parse_args()
+    AGENT_ARGS.extend(args.agent_args.split())
     need_packages()
     rates = [int(r) for r in args.rates.split(",")]
     tmp = tempfile.mkdtemp(prefix="promgate-compare-")

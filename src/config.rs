@@ -162,6 +162,7 @@ pub struct ShipSection {
     pub server: Option<String>,
     pub agent_id: Option<String>,
     pub batch_samples_max: Option<usize>,
+    pub batch_new_series_max: Option<usize>,
     pub compress: Option<bool>,
     pub backoff_max_ms: Option<u64>,
     pub reply_timeout_ms: Option<u64>,
@@ -562,6 +563,10 @@ impl AgentConfig {
             server: server.clone().unwrap_or_default(),
             agent_id: agent_id.clone().unwrap_or_default(),
             batch_samples_max: file.ship.batch_samples_max.unwrap_or(sd.batch_samples_max),
+            batch_new_series_max: file
+                .ship
+                .batch_new_series_max
+                .unwrap_or(sd.batch_new_series_max),
             compress: file.ship.compress.unwrap_or(sd.compress),
             backoff_min: sd.backoff_min,
             backoff_max: file
@@ -579,6 +584,9 @@ impl AgentConfig {
         };
         if ship.batch_samples_max == 0 {
             bail!("ship.batch_samples_max must be positive");
+        }
+        if ship.batch_new_series_max == 0 {
+            bail!("ship.batch_new_series_max must be positive");
         }
         let enrich = file.enrich.resolve()?;
         receive.header_tags = enrich.header_tags.clone();
