@@ -74,6 +74,10 @@ impl Default for ShipConfig {
     }
 }
 
+/// Samples (plus histograms, exemplars) added to a batch between two chances for the
+/// shard's other tasks to run.
+const SLICE_ITEMS: usize = 20_000;
+
 /// Decoding limits for replay: the record says which series were refused at receive
 /// time, so replay itself refuses nothing on account of limits.
 const REPLAY_LIMITS: Limits = Limits {
@@ -563,14 +567,31 @@ impl<S: Storage> Shipper<S> {
             let mut skipped = 0u64;
             let max = self.config.batch_samples_max;
             let new_series_max = self.config.batch_new_series_max;
-            self.wal.replay(next, |seq, kind, format, payload| {
-                if let Err(e) = builder.add_record(seq, kind, format, payload) {
-                    skipped += 1;
-                    tracing::error!(shard = self.shard, seq, error = %e, "a WAL record cannot be read back; it is skipped");
+            // The batch is built in slices of SLICE_ITEMS, yielding to the shard's
+            // receive tasks between them: a batch of a million samples is about a
+            // second of CPU, which must not stall the requests waiting on this core.
+            let mut from = next;
+            loop {
+                let slice_end = builder.items() + SLICE_ITEMS;
+                let (mut full, mut sliced, mut last) = (false, false, None);
+                self.wal.replay(from, |seq, kind, format, payload| {
+                    if let Err(e) = builder.add_record(seq, kind, format, payload) {
+                        skipped += 1;
+                        tracing::error!(shard = self.shard, seq, error = %e, "a WAL record cannot be read back; it is skipped");
+                    }
+                    records += 1;
+                    last = Some(seq);
+                    full = builder.items() >= max
+                        || builder.batch.new_series.len() >= new_series_max;
+                    sliced = builder.items() >= slice_end;
+                    !full && !sliced
+                })?;
+                match last {
+                    Some(seq) if sliced && !full => from = seq + 1,
+                    _ => break,
                 }
-                records += 1;
-                builder.items() < max && builder.batch.new_series.len() < new_series_max
-            })?;
+                glommio::yield_if_needed().await;
+            }
             if records == 0 {
                 // Everything up to `durable` was lost to a failed write: nothing to send.
                 next = self.wal.durable_seq() + 1;
