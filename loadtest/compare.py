@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
 TICK = os.sysconf("SC_CLK_TCK")
 AGENT_ARGS = []  # --agent-args
+LOAD_ARGS = []  # --loadtest-args
 
 
 def log(msg):
@@ -236,7 +237,7 @@ def run_one(name, rate, args, tmp):
         start_ms = int(time.time() * 1000) - 30 * 60 * 1000
         cmd = [os.path.join(RELEASE, "promgate-loadtest"), "--url", url, "--connections", str(args.connections),
                "--duration", str(args.duration), "--series", str(args.series), "--labels", "10",
-               "--start-ms", str(start_ms), "--json"]
+               "--start-ms", str(start_ms), "--json", *LOAD_ARGS]
         if rate:
             cmd += ["--rate", str(rate)]
         log(f"{name} at {'full speed' if not rate else f'{rate} samples/s'}: {url}")
@@ -279,8 +280,11 @@ def main():
     ap.add_argument("--systems", default="promgate,vmagent,vm,prometheus")
     ap.add_argument("--json", action="store_true", help="also print each row as JSON")
     ap.add_argument("--agent-args", default="", help="extra flags for promgate agent, e.g. '--shards 1'")
+    ap.add_argument("--loadtest-args", default="",
+                    help="extra flags for promgate-loadtest, e.g. '--samples-per-request 100000'")
     args = ap.parse_args()
     AGENT_ARGS.extend(args.agent_args.split())
+    LOAD_ARGS.extend(args.loadtest_args.split())
     need_packages()
     rates = [int(r) for r in args.rates.split(",")]
     tmp = tempfile.mkdtemp(prefix="promgate-compare-")
@@ -293,7 +297,7 @@ def main():
                     print(json.dumps(rows[-1]), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\n{args.connections} connections, 2000 samples/request, 10 labels, {args.series} series, "
+    print(f"\n{args.connections} connections, {args.loadtest_args or '2000 samples/request'}, 10 labels, {args.series} series, "
           f"{args.duration:g} s per run; CPU s per million acknowledged samples\n")
     head = (f"{'system':<11} {'rate':>8} {'samples/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu recv':>9} "
             f"{'cpu all':>8} {'rss recv':>9} {'rss all':>8} {'non-2xx':>8} {'landed':>16} {'harness':>8}")
