@@ -570,9 +570,16 @@ impl<S: Storage> Shipper<S> {
             // The batch is built in slices of SLICE_ITEMS, yielding to the shard's
             // receive tasks between them: a batch of a million samples is about a
             // second of CPU, which must not stall the requests waiting on this core.
+            // Only while the records come from memory: a replay from a segment file
+            // reads the whole file, once per batch, not once per slice.
             let mut from = next;
             loop {
-                let slice_end = builder.items() + SLICE_ITEMS;
+                let slice = if self.wal.in_memory(from) {
+                    SLICE_ITEMS
+                } else {
+                    usize::MAX / 2
+                };
+                let slice_end = builder.items() + slice;
                 let (mut full, mut sliced, mut last) = (false, false, None);
                 self.wal.replay(from, |seq, kind, format, payload| {
                     if let Err(e) = builder.add_record(seq, kind, format, payload) {

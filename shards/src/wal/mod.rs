@@ -753,6 +753,12 @@ impl<S: Storage> Wal<S> {
         self.committed.wait().await
     }
 
+    /// Whether [`Self::replay`] from `seq` is served from memory (cheap to call again
+    /// and again), rather than by reading segment files.
+    pub fn in_memory(&self, seq: u64) -> bool {
+        matches!(self.recent.borrow().front(), Some((first, _)) if *first <= seq)
+    }
+
     /// Calls `visit(seq, kind, format, payload)` for every durable record with a
     /// sequence number `>= from_seq`, oldest first, reading one segment at a time: what
     /// recovery found and what was appended since. This is the shipper's way in; it
