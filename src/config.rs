@@ -524,6 +524,7 @@ impl AgentConfig {
                     .limits
                     .label_value_bytes_max
                     .unwrap_or(l.label_value_bytes_max),
+                trusted: false,
             },
             // From [enrich], below.
             header_tags: Vec::new(),

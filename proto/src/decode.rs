@@ -27,6 +27,11 @@ pub struct Limits {
     pub labels_per_series_max: u32,
     pub label_name_bytes_max: u32,
     pub label_value_bytes_max: u32,
+    /// The body was decoded and validated before (a WAL record read back by the
+    /// shipper): skip the per-series checks (labels, exemplars, histograms). Structure
+    /// and UTF-8 of symbols and metadata are still checked; the caller drops the series
+    /// that were refused the first time.
+    pub trusted: bool,
 }
 
 impl Default for Limits {
@@ -35,6 +40,7 @@ impl Default for Limits {
             labels_per_series_max: 128,
             label_name_bytes_max: 1024,
             label_value_bytes_max: 16 * 1024,
+            trusted: false,
         }
     }
 }
@@ -287,9 +293,13 @@ fn v1_series(
         },
         metadata: METADATA_NONE,
     };
-    let verdict = check_labels(body, &batch.labels[labels.range()], limits, false)
-        .and_then(|_| bad_exemplar.map_or(Ok(()), Err))
-        .and_then(|_| check_histograms(batch, series.histograms));
+    let verdict = if limits.trusted {
+        Ok(())
+    } else {
+        check_labels(body, &batch.labels[labels.range()], limits, false)
+            .and_then(|_| bad_exemplar.map_or(Ok(()), Err))
+            .and_then(|_| check_histograms(batch, series.histograms))
+    };
     finish_series(body, batch, reasons, mark, series, verdict, index);
     Ok(())
 }
@@ -692,6 +702,7 @@ fn v2_series(
         bad.get_or_insert(Reject::SamplesAndHistograms);
     }
     let verdict = match bad {
+        _ if limits.trusted => Ok(()),
         Some(reason) => Err(reason),
         None => check_labels(body, &batch.labels[labels.range()], limits, true)
             .and_then(|_| check_histograms(batch, series.histograms)),

@@ -174,6 +174,19 @@ proptest! {
         let (ours, rejected) = decode_ours(Protocol::V1, &raw);
         prop_assert_eq!(&ours, &expected);
         prop_assert_eq!(rejected as usize, series.len() - expected.len());
+
+        // Trusted decoding (the shipper reading a WAL record back) keeps every series;
+        // leaving out the ones the validating decode refused gives the same batch.
+        let mut checked = Batch::default();
+        decode(Protocol::V1, &raw, &Limits::default(), &mut checked, &mut RejectCounts::default()).unwrap();
+        let refused = checked.rejected.indexes.clone();
+        let mut trusted = Batch::default();
+        let limits = Limits { trusted: true, ..Limits::default() };
+        decode(Protocol::V1, &raw, &limits, &mut trusted, &mut RejectCounts::default()).unwrap();
+        prop_assert_eq!(trusted.series.len(), series.len());
+        trusted.series.retain(|s| !refused.contains(&s.index));
+        let d = Decoded { batch: &trusted, body: &raw };
+        prop_assert_eq!(&common::from_batch(&d), &expected);
     }
 
     #[test]
