@@ -5,15 +5,15 @@
 mod common;
 
 use common::{
-    acked_keys, by_key, decode_read, free_port, loadtest_binary, metric_sum, query, read_request,
-    remote_read_raw, temp_dir, wait_shipped, Agent, Client, Key, ReadSeries,
+    acked_keys, by_key, decode_read, free_port, metric_sum, query, read_request, remote_read_raw,
+    temp_dir, wait_shipped, Agent, Client, Key, ReadSeries,
 };
 use promgate_loadtest::replay_ack_log;
 use promgate_proto::messages::read::{
     MATCH_EQ, MATCH_NEQ, MATCH_NRE, MATCH_RE, RESPONSE_SAMPLES, RESPONSE_STREAMED_XOR_CHUNKS,
 };
 use promgate_proto::ship;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 #[test]
 fn acknowledged_samples_come_back_through_remote_read_in_both_response_types() {
@@ -28,11 +28,7 @@ fn acknowledged_samples_come_back_through_remote_read_in_both_response_types() {
         &["--shards", "2", "--config", config.to_str().unwrap()],
     );
     let acks = dir.join("acks.log");
-    let status = Command::new(loadtest_binary())
-        .args([
-            "--url",
-            &format!("http://127.0.0.1:{port}/api/v1/prometheus"),
-        ])
+    let status = common::loadtest_command(port, &dir, &acks)
         .args([
             "--connections",
             "2",
@@ -49,10 +45,6 @@ fn acknowledged_samples_come_back_through_remote_read_in_both_response_types() {
             "--start-ms",
             &common::recent_ms().to_string(),
         ])
-        .arg("--ack-log")
-        .arg(&acks)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("loadtest.log")).unwrap())
         .status()
         .unwrap();
     assert!(

@@ -7,12 +7,11 @@
 mod common;
 
 use common::{
-    acked_keys, by_key, decode_read, free_port, loadtest_binary, metric_sum, query, read_request,
-    remote_read_raw, temp_dir, Agent, Key, Server,
+    acked_keys, by_key, decode_read, free_port, metric_sum, query, read_request, remote_read_raw,
+    temp_dir, Agent, Key, Server,
 };
 use promgate_loadtest::replay_ack_log;
 use promgate_proto::messages::read::{MATCH_RE, RESPONSE_STREAMED_XOR_CHUNKS};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -31,18 +30,10 @@ fn run(fault: Fault, name: &str) {
     let agent_args = ["--shards", "2", "--server", &server_addr];
     let mut agent = Agent::start_in(&dir, &adata, aport, &agent_args);
     let acks = dir.join("acks.log");
-    let mut load = Command::new(loadtest_binary())
-        .args([
-            "--url",
-            &format!("http://127.0.0.1:{aport}/api/v1/prometheus"),
-        ])
+    let mut load = common::loadtest_command(aport, &dir, &acks)
         .args(["--connections", "4", "--duration", "6", "--rate", "40000"])
         .args(["--series", "4000", "--samples-per-request", "500"])
         .args(["--start-ms", &common::recent_ms().to_string()])
-        .arg("--ack-log")
-        .arg(&acks)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("loadtest.log")).unwrap())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
@@ -169,18 +160,10 @@ fn a_full_server_disk_loses_nothing_and_recovers_when_space_returns() {
         &["--shards", "2", "--server", &server_addr],
     );
     let acks = dir.join("acks.log");
-    let status = Command::new(loadtest_binary())
-        .args([
-            "--url",
-            &format!("http://127.0.0.1:{aport}/api/v1/prometheus"),
-        ])
+    let status = common::loadtest_command(aport, &dir, &acks)
         .args(["--connections", "4", "--duration", "4", "--rate", "150000"])
         .args(["--series", "5000", "--samples-per-request", "1000"])
         .args(["--start-ms", &common::recent_ms().to_string()])
-        .arg("--ack-log")
-        .arg(&acks)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("loadtest.log")).unwrap())
         .status()
         .unwrap();
     assert!(status.success());

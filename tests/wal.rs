@@ -5,13 +5,13 @@
 
 mod common;
 
-use common::{free_port, loadtest_binary, metric_sum, temp_dir, Agent, Client, V1};
+use common::{free_port, metric_sum, temp_dir, Agent, Client, V1};
 use promgate_loadtest::{
     acked_samples, replay_ack_log, AckedSample, BodyTemplate, GenParams, Protocol,
 };
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
@@ -86,11 +86,7 @@ fn sigkill_mid_stream_loses_no_acknowledged_sample() {
     let port = free_port();
     let mut agent = Agent::start_in(&dir, &data, port, &["--shards", "2", "--server", UNSHIPPED]);
     let acks = dir.join("acks.log");
-    let mut load = Command::new(loadtest_binary())
-        .args([
-            "--url",
-            &format!("http://127.0.0.1:{port}/api/v1/prometheus"),
-        ])
+    let mut load = common::loadtest_command(port, &dir, &acks)
         .args([
             "--connections",
             "4",
@@ -103,10 +99,6 @@ fn sigkill_mid_stream_loses_no_acknowledged_sample() {
             "--samples-per-request",
             "500",
         ])
-        .arg("--ack-log")
-        .arg(&acks)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("loadtest.log")).unwrap())
         .spawn()
         .unwrap();
     // Let it run, then kill the agent the hard way while requests are in flight.

@@ -559,6 +559,22 @@ pub fn loadtest_binary() -> PathBuf {
     p
 }
 
+/// `promgate-loadtest` against the agent listening on `port`, logging each acknowledged
+/// request to `acks` and its own stderr to `dir/loadtest.log`; the caller adds the flags
+/// of the load and runs it.
+pub fn loadtest_command(port: u16, dir: &Path, acks: &Path) -> Command {
+    let mut c = Command::new(loadtest_binary());
+    c.args([
+        "--url",
+        &format!("http://127.0.0.1:{port}/api/v1/prometheus"),
+    ])
+    .arg("--ack-log")
+    .arg(acks)
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(dir.join("loadtest.log")).unwrap());
+    c
+}
+
 /// Waits until every record the agent's WAL took has been acknowledged by the server.
 pub fn wait_shipped(agent: &Agent) {
     let deadline = Instant::now() + Duration::from_secs(60);
