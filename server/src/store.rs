@@ -295,6 +295,15 @@ fn rejoin_series(
     Ok(out)
 }
 
+/// Records the next series id in the transaction that interned series.
+fn put_next_sid(tx: &redb::WriteTransaction, next_sid: u64) -> Result<(), ApplyError> {
+    tx.open_table(META)
+        .map_err(storage)?
+        .insert("next_sid", next_sid)
+        .map_err(storage)?;
+    Ok(())
+}
+
 pub fn applied_key(agent: &str, shard: u32) -> String {
     format!("{agent}\0{shard}")
 }
@@ -508,10 +517,7 @@ impl Store {
         let tx = self.begin_write()?;
         let mut next_sid = head.next_sid;
         self.intern(&tx, b, refs, &mut next_sid)?;
-        tx.open_table(META)
-            .map_err(storage)?
-            .insert("next_sid", next_sid)
-            .map_err(storage)?;
+        put_next_sid(&tx, next_sid)?;
         tx.commit().map_err(storage)?;
         head.next_sid = next_sid;
         Ok(())
@@ -739,10 +745,7 @@ impl Store {
             .map_err(storage)?
             .insert(applied_key, last)
             .map_err(storage)?;
-        tx.open_table(META)
-            .map_err(storage)?
-            .insert("next_sid", next_sid)
-            .map_err(storage)?;
+        put_next_sid(&tx, next_sid)?;
         tx.commit().map_err(storage)?;
         head.next_sid = next_sid;
         let m = &self.metrics;

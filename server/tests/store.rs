@@ -5,7 +5,7 @@
 use promgate_proto::ship::{self, ArchivedShipBatch, Label, NewSeries, NewTarget, ShipBatch};
 use promgate_proto::xor;
 use promgate_server::select::{select, MatchKind, Matcher, TagView};
-use promgate_server::store::{Applied, ApplyError, ConnRefs, Store, PARTITION_MS};
+use promgate_server::store::{Applied, ApplyError, ConnRefs, Reader, Store, PARTITION_MS};
 
 /// Queries as remote_read sees them by default: original labels only.
 const VIEW: TagView = TagView {
@@ -68,6 +68,24 @@ fn apply(store: &Store, b: &ShipBatch, refs: &mut ConnRefs) -> Result<Applied, A
     let a = ship::access::<ArchivedShipBatch>(&bytes).unwrap();
     ship::check_batch(a).unwrap();
     store.apply(a, refs)
+}
+
+/// The label sets `select` returns for these matchers, each as `n=v,n=v`.
+fn selected(r: &Reader, ms: &[(MatchKind, &str, &str)], view: TagView) -> Vec<String> {
+    let ms: Vec<Matcher> = ms
+        .iter()
+        .map(|(k, n, v)| Matcher::new(*k, n, v).unwrap())
+        .collect();
+    select(r, &ms, view)
+        .unwrap()
+        .into_iter()
+        .map(|(_, l)| {
+            l.iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect()
 }
 
 /// Every stored (t, bits) of the series with these labels, in order.
@@ -280,22 +298,7 @@ fn selection_supports_all_matcher_types_and_sorts_series() {
     let samples: Vec<(u32, i64, u64)> = (0..5).map(|r| (r, 1000, 0)).collect();
     apply(&store, &batch(1, 1, &series, &samples), &mut refs).unwrap();
     let r = store.reader().unwrap();
-    let jobs = |ms: &[(MatchKind, &str, &str)]| -> Vec<String> {
-        let ms: Vec<Matcher> = ms
-            .iter()
-            .map(|(k, n, v)| Matcher::new(*k, n, v).unwrap())
-            .collect();
-        select(&r, &ms, VIEW)
-            .unwrap()
-            .into_iter()
-            .map(|(_, l)| {
-                l.iter()
-                    .map(|(n, v)| format!("{n}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
-            .collect()
-    };
+    let jobs = |ms: &[(MatchKind, &str, &str)]| selected(&r, ms, VIEW);
     use MatchKind::*;
     assert_eq!(
         jobs(&[(Equal, "__name__", "m")]),
@@ -388,22 +391,7 @@ fn targets_rejoin_labels_and_tags_sit_beside_them() {
     };
     apply(&store, &b, &mut refs).unwrap();
     let r = store.reader().unwrap();
-    let q = |ms: &[(MatchKind, &str, &str)], view: TagView| -> Vec<String> {
-        let ms: Vec<Matcher> = ms
-            .iter()
-            .map(|(k, n, v)| Matcher::new(*k, n, v).unwrap())
-            .collect();
-        select(&r, &ms, view)
-            .unwrap()
-            .into_iter()
-            .map(|(_, l)| {
-                l.iter()
-                    .map(|(n, v)| format!("{n}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
-            .collect()
-    };
+    let q = |ms: &[(MatchKind, &str, &str)], view: TagView| selected(&r, ms, view);
     use MatchKind::*;
     assert_eq!(
         q(&[(Equal, "__name__", "reqs")], VIEW),
