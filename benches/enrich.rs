@@ -20,8 +20,9 @@ use promgate_loadtest::{BodyTemplate, GenParams, Protocol as GenProtocol};
 use promgate_proto::{decode, ship, Batch, Decoded, Limits, Protocol, RejectCounts};
 use promgate_shards::enrich::{EnrichConfig, EnrichMetrics, Enricher};
 use promgate_shards::ship::BatchBuilder;
+use promgate_shards::sink::{request_payload, Accepted};
 use promgate_shards::snapshot::{merge, Labels, SnapshotCell, Target};
-use promgate_shards::wal::format::{remote_write_payload, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
+use promgate_shards::wal::format::{KIND_REMOTE_WRITE, PAYLOAD_VERSION};
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
@@ -197,23 +198,16 @@ fn main() {
         .zip(&bodies)
         .map(|((b, raw), body)| {
             let mut p = Vec::new();
-            remote_write_payload(
-                &mut p,
-                1,
-                &[],
-                |o| {
-                    enricher.section(
-                        &Decoded {
-                            batch: b,
-                            body: raw,
-                        },
-                        &[],
-                        &m,
-                        o,
-                    )
+            let request = Accepted {
+                protocol: Protocol::V1,
+                compressed: body,
+                decoded: Decoded {
+                    batch: b,
+                    body: raw,
                 },
-                body,
-            );
+                header_tags: &[],
+            };
+            request_payload(&mut p, &request, Some(&enricher), &m);
             p
         })
         .collect();

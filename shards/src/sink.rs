@@ -4,7 +4,7 @@
 //! decides what an acknowledgement means. [`WalSink`] (the agent's) resolves once the
 //! request is durable in the shard's write-ahead log.
 
-use crate::enrich::Enricher;
+use crate::enrich::{EnrichMetrics, Enricher};
 use crate::metrics::ShardMetrics;
 use crate::wal::format::{remote_write_payload, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
 use crate::wal::storage::Storage;
@@ -103,23 +103,33 @@ pub fn protocol_byte(p: Protocol) -> u8 {
     }
 }
 
+/// Writes the WAL payload of one accepted request: its refused series, its enrichment
+/// (none without an enricher) and its body as received.
+pub fn request_payload(
+    out: &mut Vec<u8>,
+    request: &Accepted<'_>,
+    enricher: Option<&Enricher>,
+    metrics: &EnrichMetrics,
+) {
+    remote_write_payload(
+        out,
+        protocol_byte(request.protocol),
+        &request.decoded.batch.rejected.indexes,
+        |o| {
+            if let Some(e) = enricher {
+                e.section(&request.decoded, request.header_tags, metrics, o)
+            }
+        },
+        request.compressed,
+    )
+}
+
 impl<S: Storage> Sink for WalSink<S> {
     async fn write(&self, request: Accepted<'_>) -> Result<(), SinkError> {
-        let rejected = &request.decoded.batch.rejected.indexes;
         let metrics = &self.metrics[self.shard].enrich;
         self.wal
             .append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |out| {
-                remote_write_payload(
-                    out,
-                    protocol_byte(request.protocol),
-                    rejected,
-                    |o| {
-                        if let Some(e) = &self.enricher {
-                            e.section(&request.decoded, request.header_tags, metrics, o)
-                        }
-                    },
-                    request.compressed,
-                )
+                request_payload(out, &request, self.enricher.as_ref(), metrics)
             })
             .await
             .map(drop)

@@ -13,8 +13,9 @@ use promgate_loadtest::{BodyTemplate, GenParams, Protocol as GenProtocol};
 use promgate_proto::{decode, Batch, Decoded, Limits, Protocol, RejectCounts};
 use promgate_shards::enrich::{EnrichConfig, EnrichMetrics, Enricher};
 use promgate_shards::ship::BatchBuilder;
+use promgate_shards::sink::{request_payload, Accepted};
 use promgate_shards::snapshot::{merge, Labels, SnapshotCell, Target};
-use promgate_shards::wal::format::{remote_write_payload, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
+use promgate_shards::wal::format::{KIND_REMOTE_WRITE, PAYLOAD_VERSION};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
@@ -130,14 +131,14 @@ fn receive_path_allocates_nothing_per_request_once_warm() {
             batch: &batch,
             body: &raw[..n],
         };
+        let request = Accepted {
+            protocol: Protocol::V1,
+            compressed: body,
+            decoded: d,
+            header_tags: &[],
+        };
         payload.clear();
-        remote_write_payload(
-            &mut payload,
-            1,
-            &[],
-            |o| enricher.section(&d, &[], &metrics, o),
-            body,
-        );
+        request_payload(&mut payload, &request, Some(&enricher), &metrics);
     };
     for _ in 0..3 {
         bodies.iter().for_each(&mut request);
@@ -175,14 +176,14 @@ fn ship_allocations_per_record(series_per_body: usize) -> u64 {
                 batch: &batch,
                 body: &raw,
             };
+            let request = Accepted {
+                protocol: Protocol::V1,
+                compressed: body,
+                decoded: d,
+                header_tags: &[],
+            };
             let mut p = Vec::new();
-            remote_write_payload(
-                &mut p,
-                1,
-                &[],
-                |o| enricher.section(&d, &[], &metrics, o),
-                body,
-            );
+            request_payload(&mut p, &request, Some(&enricher), &metrics);
             p
         })
         .collect();

@@ -9,8 +9,9 @@ use promgate_proto::messages::v1;
 use promgate_proto::{decode, Batch, Decoded, Limits, Protocol, RejectCounts};
 use promgate_shards::enrich::{enrich, EnrichConfig, EnrichMetrics, Enricher};
 use promgate_shards::ship::BatchBuilder;
+use promgate_shards::sink::{request_payload, Accepted};
 use promgate_shards::snapshot::{merge, Labels, SnapshotCell, Target};
-use promgate_shards::wal::format::{remote_write_payload, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
+use promgate_shards::wal::format::{KIND_REMOTE_WRITE, PAYLOAD_VERSION};
 use proptest::prelude::*;
 use prost::Message;
 use std::collections::BTreeMap;
@@ -154,7 +155,8 @@ proptest! {
         let enricher = Enricher::new(cell, &cfg);
         let body = snap::raw::Encoder::new().compress_vec(&raw).unwrap();
         let mut payload = Vec::new();
-        remote_write_payload(&mut payload, 1, &[], |o| enricher.section(&d, &[], &metrics, o), &body);
+        let request = Accepted { protocol: Protocol::V1, compressed: &body, decoded: d, header_tags: &[] };
+        request_payload(&mut payload, &request, Some(&enricher), &metrics);
 
         // Ship: the builder reads the record back.
         let mut b = BatchBuilder::new("agent-7#e", 0, split);
@@ -239,14 +241,14 @@ fn a_series_is_resent_when_its_target_becomes_known() {
         body: &raw,
     };
     let record = |enricher: &Enricher| {
+        let request = Accepted {
+            protocol: Protocol::V1,
+            compressed: &body,
+            decoded: d,
+            header_tags: &[],
+        };
         let mut p = Vec::new();
-        remote_write_payload(
-            &mut p,
-            1,
-            &[],
-            |o| enricher.section(&d, &[], &metrics, o),
-            &body,
-        );
+        request_payload(&mut p, &request, Some(enricher), &metrics);
         p
     };
     let mut b = BatchBuilder::new("a#e", 0, true);

@@ -410,18 +410,16 @@ impl<'a> Enrichment<'a> {
         self.series_targets.len() / 2
     }
 
-    /// The target of the `i`th accepted series of the record, if it had one.
-    pub fn target_of(&self, i: usize) -> Option<&RecordTarget<'a>> {
-        let b = self.series_targets.get(2 * i..2 * i + 2)?;
-        let ix = u16::from_le_bytes([b[0], b[1]]);
-        self.targets.get(usize::from(ix))
-    }
-
-    /// [`Self::target_of`] as an index into `targets`.
+    /// The index into `targets` of the `i`th accepted series' target, if it had one.
     pub fn target_index(&self, i: usize) -> Option<usize> {
         let b = self.series_targets.get(2 * i..2 * i + 2)?;
         let ix = usize::from(u16::from_le_bytes([b[0], b[1]]));
         (ix < self.targets.len()).then_some(ix)
+    }
+
+    /// The target of the `i`th accepted series of the record, if it had one.
+    pub fn target_of(&self, i: usize) -> Option<&RecordTarget<'a>> {
+        self.target_index(i).map(|ix| &self.targets[ix])
     }
 }
 
