@@ -58,15 +58,26 @@ def http_get(url, timeout=5.0):
         return r.read().decode()
 
 
-def wait_http(url, what, timeout=60.0):
+def poll(ok, timeout, every=0.2):
+    """Calls `ok` until it returns true (then True) or `timeout` seconds pass (False)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if ok():
+            return True
+        time.sleep(every)
+    return False
+
+
+def wait_http(url, what, timeout=60.0):
+    def up():
         try:
             http_get(url, 1.0)
-            return
+            return True
         except Exception:
-            time.sleep(0.2)
-    raise RuntimeError(f"{what} did not come up ({url})")
+            return False
+
+    if not poll(up, timeout):
+        raise RuntimeError(f"{what} did not come up ({url})")
 
 
 def metric_sum(text, name):
@@ -145,13 +156,12 @@ class Promgate(System):
         return f"http://127.0.0.1:{agent}/api/v1/prometheus"
 
     def drain(self, timeout):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+        def shipped():
             m = http_get(f"http://127.0.0.1:{self.agent}/metrics")
-            if metric_sum(m, "promgate_agent_wal_appended_records_total") == metric_sum(
-                    m, "promgate_agent_ship_records_total"):
-                return
-            time.sleep(0.2)
+            return metric_sum(m, "promgate_agent_wal_appended_records_total") == metric_sum(
+                m, "promgate_agent_ship_records_total")
+
+        poll(shipped, timeout)
 
     def stored(self, t_ms):
         # The store's own count of samples it committed (promgate_server_samples_appended_total).
@@ -202,12 +212,8 @@ class VmAgent(VictoriaMetrics):
         return f"http://127.0.0.1:{port}/api/v1/write"
 
     def drain(self, timeout):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            m = http_get(f"http://127.0.0.1:{self.vmagent}/metrics")
-            if metric_sum(m, "vmagent_remotewrite_pending_data_bytes") == 0:
-                return
-            time.sleep(0.2)
+        poll(lambda: metric_sum(http_get(f"http://127.0.0.1:{self.vmagent}/metrics"),
+                                "vmagent_remotewrite_pending_data_bytes") == 0, timeout)
 
 
 class Prometheus(CountedSystem):
@@ -246,16 +252,18 @@ def run_one(name, rate, args, tmp):
         cpu_load = [cpu_s(p) - c for p, c in zip(pids, cpu0)]
         sys_.drain(120)
         acked = report["samples_acked"]
-        # Count what landed; stores make data searchable with a delay: retry a while.
-        stored, deadline = 0.0, time.time() + 90
-        while time.time() < deadline:
+        # Count what landed; a store may still be committing: retry a while.
+        stored = 0.0
+
+        def landed():
+            nonlocal stored
             try:
                 stored = sys_.stored(int(time.time() * 1000))
             except Exception as e:  # a store still busy answering: try again
                 log(f"  {name}: count query failed ({e}); retrying")
-            if stored >= acked:
-                break
-            time.sleep(1)
+            return stored >= acked
+
+        poll(landed, 90, every=1)
         cpu_total = [cpu_s(p) - c for p, c in zip(pids, cpu0)]
         rss = [peak_rss_mib(p) for p in pids]
         non2xx = sum(n for c, n in report["status"].items() if not c.startswith("2"))
