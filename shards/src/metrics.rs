@@ -231,6 +231,18 @@ fn per_shard(
     }
 }
 
+/// [`per_shard`] for each (name, help, getter) of a table, all of one `kind`.
+fn per_shard_all(
+    out: &mut String,
+    kind: &str,
+    table: &[(&str, &str, Getter)],
+    shards: &[ShardMetrics],
+) {
+    for (name, help, get) in table {
+        per_shard(out, name, kind, help, shards, get);
+    }
+}
+
 fn histogram<const N: usize>(
     out: &mut String,
     name: &str,
@@ -311,9 +323,7 @@ pub fn render(shards: &[ShardMetrics], out: &mut String) {
             |m| &m.metadata,
         ),
     ];
-    for (name, help, get) in counters {
-        per_shard(out, name, "counter", help, shards, get);
-    }
+    per_shard_all(out, "counter", &counters, shards);
     let name = "promgate_agent_decode_series_rejected_total";
     family(
         out,
@@ -381,9 +391,7 @@ pub fn render(shards: &[ShardMetrics], out: &mut String) {
             |m| &m.enrich.clashes,
         ),
     ];
-    for (name, help, get) in counters {
-        per_shard(out, name, "counter", help, shards, get);
-    }
+    per_shard_all(out, "counter", &counters, shards);
     render_snapshot(out);
     process(out);
 }
@@ -399,9 +407,7 @@ fn render_wal(shards: &[ShardMetrics], out: &mut String) {
             &m.wal.segments
         }),
     ];
-    for (name, help, get) in gauges {
-        per_shard(out, name, "gauge", help, shards, get);
-    }
+    per_shard_all(out, "gauge", &gauges, shards);
     let counters: [(&str, &str, Getter); 10] = [
         (
             "promgate_agent_wal_appended_records_total",
@@ -454,9 +460,7 @@ fn render_wal(shards: &[ShardMetrics], out: &mut String) {
             |m| &m.wal.retention_dropped_records,
         ),
     ];
-    for (name, help, get) in counters {
-        per_shard(out, name, "counter", help, shards, get);
-    }
+    per_shard_all(out, "counter", &counters, shards);
     histogram(
         out,
         "promgate_agent_wal_fsync_seconds",
@@ -486,9 +490,7 @@ fn render_ship(shards: &[ShardMetrics], out: &mut String) {
             |m| &m.ship.acked_seq,
         ),
     ];
-    for (name, help, get) in gauges {
-        per_shard(out, name, "gauge", help, shards, get);
-    }
+    per_shard_all(out, "gauge", &gauges, shards);
     let counters: [(&str, &str, Getter); 11] = [
         ("promgate_agent_ship_connects_total", "Connections made to the server.", |m| &m.ship.connects),
         ("promgate_agent_ship_connect_failures_total", "Failed connection attempts (retried with back-off).", |m| &m.ship.connect_failures),
@@ -502,9 +504,7 @@ fn render_ship(shards: &[ShardMetrics], out: &mut String) {
         ("promgate_agent_ship_bytes_total", "Frame bytes sent to the server.", |m| &m.ship.bytes),
         ("promgate_agent_ship_skipped_records_total", "WAL records that could not be read back (corrupt or unknown format) and were not shipped.", |m| &m.ship.skipped_records),
     ];
-    for (name, help, get) in counters {
-        per_shard(out, name, "counter", help, shards, get);
-    }
+    per_shard_all(out, "counter", &counters, shards);
 }
 
 /// The target snapshot poller's metrics, when it runs (one per process).
