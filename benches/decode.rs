@@ -16,12 +16,12 @@ use promgate_proto::wire::{Reader, LEN};
 use promgate_proto::{decode, Batch, Limits, Protocol, RejectCounts};
 use prost::Message;
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+
+mod common;
+use common::{median_ns_per, RUNS};
 
 const SAMPLES_PER_REQUEST: usize = 2000;
 const BODIES: usize = 16;
-const RUNS: usize = 7;
-const RUN_MS_MIN: u64 = 200;
 
 /// Visits every field of every message, descending into the nested ones that
 /// remote_write has (series → labels/samples/...), and touches nothing else.
@@ -44,21 +44,11 @@ fn walk(mut r: Reader<'_>, depth: u32) -> u64 {
 
 /// Median ns per sample of `f` over all bodies.
 fn measure(bodies: &[Vec<u8>], mut f: impl FnMut(&[u8]) -> u64) -> f64 {
-    let samples = (bodies.len() * SAMPLES_PER_REQUEST) as f64;
-    let mut per_run = Vec::with_capacity(RUNS);
-    for _ in 0..RUNS {
-        let start = Instant::now();
-        let mut iterations = 0u64;
-        while start.elapsed() < Duration::from_millis(RUN_MS_MIN) {
-            for b in bodies {
-                black_box(f(b));
-            }
-            iterations += 1;
+    median_ns_per(bodies.len() * SAMPLES_PER_REQUEST, || {
+        for b in bodies {
+            black_box(f(b));
         }
-        per_run.push(start.elapsed().as_nanos() as f64 / (iterations as f64 * samples));
-    }
-    per_run.sort_by(|a, b| a.total_cmp(b));
-    per_run[RUNS / 2]
+    })
 }
 
 fn main() {

@@ -26,27 +26,12 @@ use promgate_shards::wal::format::{KIND_REMOTE_WRITE, PAYLOAD_VERSION};
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+
+mod common;
+use common::{median_ns_per, RUNS};
 
 const SAMPLES_PER_REQUEST: usize = 2000;
 const BODIES: usize = 64;
-const RUNS: usize = 7;
-const RUN_MS_MIN: u64 = 200;
-
-fn median_ns_per_series(series: usize, mut f: impl FnMut()) -> f64 {
-    let mut per_run = Vec::with_capacity(RUNS);
-    for _ in 0..RUNS {
-        let start = Instant::now();
-        let mut iterations = 0u64;
-        while start.elapsed() < Duration::from_millis(RUN_MS_MIN) {
-            f();
-            iterations += 1;
-        }
-        per_run.push(start.elapsed().as_nanos() as f64 / (iterations as f64 * series as f64));
-    }
-    per_run.sort_by(|a, b| a.total_cmp(b));
-    per_run[RUNS / 2]
-}
 
 fn main() {
     let params = GenParams {
@@ -151,7 +136,7 @@ fn main() {
     let mut run = |cell: &Arc<SnapshotCell>, bytes: &mut usize| {
         let e = Enricher::new(cell.clone(), &cfg);
         let m = EnrichMetrics::default();
-        median_ns_per_series(series, || {
+        median_ns_per(series, || {
             for (b, raw) in batches.iter().zip(&raws) {
                 out.clear();
                 e.section(
@@ -172,7 +157,7 @@ fn main() {
     let hit_bytes = section_bytes;
     let t_miss = run(&miss, &mut section_bytes);
     let mut batch = Batch::default();
-    let t_decode = median_ns_per_series(series, || {
+    let t_decode = median_ns_per(series, || {
         for raw in &raws {
             decode(
                 Protocol::V1,
