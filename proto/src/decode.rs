@@ -209,6 +209,7 @@ fn v1_series(
     // labels share the label array, so series labels are collected contiguously first
     // by deferring the other parts to a second pass over the same bytes.
     let start = r.snapshot();
+    let mut second_pass = false;
     while !r.at_end() {
         let (field, wt) = r.key()?;
         match field {
@@ -220,7 +221,10 @@ fn v1_series(
                 Reader::expect(field, wt, LEN)?;
                 batch.samples.push(sample(r.message()?)?);
             }
-            _ => r.skip(field, wt)?,
+            _ => {
+                second_pass |= field == 3 || field == 4;
+                r.skip(field, wt)?
+            }
         }
     }
     let labels = Run {
@@ -233,7 +237,8 @@ fn v1_series(
     };
     let histograms_start = batch.histograms.len() as u32;
     let exemplars_start = batch.exemplars.len() as u32;
-    let mut r = start;
+    // The second pass only when there are exemplars or histograms to collect.
+    let mut r = if second_pass { start } else { r };
     let mut bad_exemplar: Option<Reject> = None;
     while !r.at_end() {
         let (field, wt) = r.key()?;
@@ -304,7 +309,18 @@ fn v1_series(
     Ok(())
 }
 
+/// Field keys of the common shapes: `Label{name = 1, value = 2}` (LEN, LEN) and
+/// `Sample{value = 1, timestamp = 2}` (I64, VARINT).
+const KEY_1_LEN: u8 = 1 << 3 | LEN;
+const KEY_2_LEN: u8 = 2 << 3 | LEN;
+const KEY_1_I64: u8 = 1 << 3 | I64;
+const KEY_2_VARINT: u8 = 2 << 3 | VARINT;
+
+#[inline]
 fn v1_label(mut r: Reader<'_>) -> Result<LabelRef, DecodeError> {
+    if let Some((name, value)) = r.two_spans(KEY_1_LEN, KEY_2_LEN) {
+        return Ok(LabelRef { name, value });
+    }
     let mut l = LabelRef::default();
     while !r.at_end() {
         let (field, wt) = r.key()?;
@@ -323,7 +339,15 @@ fn v1_label(mut r: Reader<'_>) -> Result<LabelRef, DecodeError> {
     Ok(l)
 }
 
+#[inline]
 fn sample(mut r: Reader<'_>) -> Result<Sample, DecodeError> {
+    if let Some((value, ts)) = r.fixed64_varint(KEY_1_I64, KEY_2_VARINT) {
+        return Ok(Sample {
+            value: f64::from_bits(value),
+            timestamp_ms: ts as i64,
+            ..Sample::default()
+        });
+    }
     let mut s = Sample::default();
     while !r.at_end() {
         let (field, wt) = r.key()?;
@@ -855,7 +879,13 @@ fn check_labels(
             return Err(Reject::LabelTooLong);
         }
         if i > 0 {
-            match prev.cmp(name) {
+            // Most neighbours differ in their first byte: decide on it without a
+            // memcmp call (names are non-empty here).
+            let order = match prev[0].cmp(&name[0]) {
+                std::cmp::Ordering::Equal => prev.cmp(name),
+                o => o,
+            };
+            match order {
                 std::cmp::Ordering::Less => {}
                 std::cmp::Ordering::Equal => return Err(Reject::DuplicateLabel),
                 std::cmp::Ordering::Greater => return Err(Reject::UnsortedLabels),

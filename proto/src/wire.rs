@@ -144,6 +144,52 @@ impl<'a> Reader<'a> {
         Ok(span)
     }
 
+    /// The common shape of a two-field message, `k1 LEN k2 LEN` and nothing else (a
+    /// label as every sender writes it): both spans, or `None` with nothing consumed so
+    /// the caller takes the general path.
+    #[inline]
+    pub fn two_spans(&mut self, k1: u8, k2: u8) -> Option<(Span, Span)> {
+        let start = self.pos;
+        let two = (|| {
+            if *self.data.get(self.pos)? != k1 {
+                return None;
+            }
+            self.pos += 1;
+            let a = self.span().ok()?;
+            if *self.data.get(self.pos)? != k2 {
+                return None;
+            }
+            self.pos += 1;
+            let b = self.span().ok()?;
+            self.at_end().then_some((a, b))
+        })();
+        if two.is_none() {
+            self.pos = start;
+        }
+        two
+    }
+
+    /// The common shape of a sample, `k1 I64 k2 VARINT` and nothing else: the fixed64
+    /// and the varint, or `None` with nothing consumed.
+    #[inline]
+    pub fn fixed64_varint(&mut self, k1: u8, k2: u8) -> Option<(u64, u64)> {
+        let d = self.data.get(self.pos..)?;
+        if d.len() < 11 || d[0] != k1 || d[9] != k2 {
+            return None;
+        }
+        let start = self.pos;
+        self.pos += 1;
+        let a = self.fixed64().ok()?;
+        self.pos += 1;
+        match self.varint() {
+            Ok(b) if self.at_end() => Some((a, b)),
+            _ => {
+                self.pos = start;
+                None
+            }
+        }
+    }
+
     /// A length-delimited field as a reader over its contents.
     #[inline]
     pub fn message(&mut self) -> Result<Reader<'a>, WireError> {

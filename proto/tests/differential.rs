@@ -225,6 +225,49 @@ proptest! {
         prop_assert_eq!(rejected as usize, series.len() - expected.len());
     }
 
+    /// Labels and samples written in other shapes than prost's (fields swapped, given
+    /// twice, followed by unknown fields, long keys): the decoder's fast paths for the
+    /// common shapes must fall back and agree with prost on every one.
+    #[test]
+    fn v1_other_field_shapes_match_prost(
+        series in prop::collection::vec((arb_labels(), prop::collection::vec((any::<u64>(), any::<i64>()), 0..3)), 1..6),
+        shapes in prop::collection::vec(0u8..5, 64),
+    ) {
+        let mut shape = shapes.iter().cycle().copied();
+        let mut raw = Vec::new();
+        for (labels, samples) in &series {
+            let mut ts = Vec::new();
+            for (n, v) in labels {
+                let mut m = Vec::new();
+                match shape.next().unwrap() {
+                    0 => { put_len(&mut m, 0x0a, n.as_bytes()); put_len(&mut m, 0x12, v.as_bytes()); }
+                    1 => { put_len(&mut m, 0x12, v.as_bytes()); put_len(&mut m, 0x0a, n.as_bytes()); }
+                    2 => { put_len(&mut m, 0x0a, b"first"); put_len(&mut m, 0x12, v.as_bytes()); put_len(&mut m, 0x0a, n.as_bytes()); }
+                    3 => { put_len(&mut m, 0x0a, n.as_bytes()); put_len(&mut m, 0x12, v.as_bytes()); m.extend_from_slice(&[0x18, 0x05]); }
+                    _ => { m.extend_from_slice(&[0x8a, 0x00]); put_varint(&mut m, n.len() as u64); m.extend_from_slice(n.as_bytes()); put_len(&mut m, 0x12, v.as_bytes()); }
+                }
+                put_len(&mut ts, 0x0a, &m);
+            }
+            for (v, t) in samples {
+                let mut m = Vec::new();
+                match shape.next().unwrap() {
+                    0 => { m.push(0x09); m.extend_from_slice(&v.to_le_bytes()); m.push(0x10); put_varint(&mut m, *t as u64); }
+                    1 => { m.push(0x10); put_varint(&mut m, *t as u64); m.push(0x09); m.extend_from_slice(&v.to_le_bytes()); }
+                    2 => { m.push(0x09); m.extend_from_slice(&v.to_le_bytes()); m.push(0x10); put_varint(&mut m, *t as u64); m.extend_from_slice(&[0x20, 0x01]); }
+                    3 => { m.push(0x09); m.extend_from_slice(&0u64.to_le_bytes()); m.push(0x09); m.extend_from_slice(&v.to_le_bytes()); m.push(0x10); put_varint(&mut m, *t as u64); }
+                    _ => { m.push(0x09); m.extend_from_slice(&v.to_le_bytes()); }
+                }
+                put_len(&mut ts, 0x12, &m);
+            }
+            put_len(&mut raw, 0x0a, &ts);
+        }
+        let reference = common::from_prost_v1(&v1::WriteRequest::decode(&raw[..]).unwrap());
+        let expected: Vec<OwnedSeries> = reference.into_iter().zip(&series)
+            .filter(|(r, _)| labels_valid(&r.labels)).map(|(r, _)| r).collect();
+        let (ours, _) = decode_ours(Protocol::V1, &raw);
+        prop_assert_eq!(&ours, &expected);
+    }
+
     /// Arbitrary bytes never panic the decoder (the fuzz target explores further).
     #[test]
     fn arbitrary_bytes_never_panic(raw in prop::collection::vec(any::<u8>(), 0..512), v2 in any::<bool>()) {
@@ -233,4 +276,18 @@ proptest! {
         let protocol = if v2 { Protocol::V2 } else { Protocol::V1 };
         let _ = decode(protocol, &raw, &Limits::default(), &mut batch, &mut reasons);
     }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_len(out: &mut Vec<u8>, key: u8, bytes: &[u8]) {
+    out.push(key);
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
 }
