@@ -167,6 +167,7 @@ pub struct ShipSection {
     pub backoff_max_ms: Option<u64>,
     pub reply_timeout_ms: Option<u64>,
     pub split_target_labels: Option<bool>,
+    pub prepared_samples_max: Option<usize>,
 }
 
 /// The server's settings: `promgate server`'s file, and the embedded server's.
@@ -582,6 +583,10 @@ impl AgentConfig {
                 .ship
                 .split_target_labels
                 .unwrap_or(sd.split_target_labels),
+            prepared_samples_max: file
+                .ship
+                .prepared_samples_max
+                .unwrap_or(sd.prepared_samples_max),
         };
         if ship.batch_samples_max == 0 {
             bail!("ship.batch_samples_max must be positive");

@@ -4,6 +4,7 @@
 pub mod enrich;
 pub mod http;
 pub mod metrics;
+pub mod prepared;
 pub mod receive;
 pub mod runtime;
 pub mod ship;

@@ -146,6 +146,7 @@ pub struct ShipMetrics {
     pub bytes: AtomicU64,
     pub acked_seq: AtomicU64,
     pub skipped_records: AtomicU64,
+    pub copied_records: AtomicU64,
 }
 
 pub struct ShardMetrics {
@@ -491,7 +492,7 @@ fn render_ship(shards: &[ShardMetrics], out: &mut String) {
         ),
     ];
     per_shard_all(out, "gauge", &gauges, shards);
-    let counters: [(&str, &str, Getter); 11] = [
+    let counters: [(&str, &str, Getter); 12] = [
         ("promgate_agent_ship_connects_total", "Connections made to the server.", |m| &m.ship.connects),
         ("promgate_agent_ship_connect_failures_total", "Failed connection attempts (retried with back-off).", |m| &m.ship.connect_failures),
         ("promgate_agent_ship_errors_total", "Connections ended by an error (error frame, I/O, timeout); the batch is resent.", |m| &m.ship.errors),
@@ -503,6 +504,7 @@ fn render_ship(shards: &[ShardMetrics], out: &mut String) {
         ("promgate_agent_ship_series_sent_total", "Label sets sent (once per series per connection).", |m| &m.ship.series_sent),
         ("promgate_agent_ship_bytes_total", "Frame bytes sent to the server.", |m| &m.ship.bytes),
         ("promgate_agent_ship_skipped_records_total", "WAL records that could not be read back (corrupt or unknown format) and were not shipped.", |m| &m.ship.skipped_records),
+        ("promgate_agent_ship_copied_records_total", "Records acknowledged by the server that were shipped from the receive path's ship-ready copy instead of being decoded from the WAL again.", |m| &m.ship.copied_records),
     ];
     per_shard_all(out, "counter", &counters, shards);
 }

@@ -13,12 +13,16 @@
 //!   with a `u32` reference, its target's labels and tags once per connection for all
 //!   the target's series (`ship.split_target_labels`); samples carry only the series'
 //!   reference. A series keeps the tags it was first shipped with on a connection.
+//! - **No second decode in steady state.** A record whose ship-ready copy the receive
+//!   path left (`crate::prepared`) and whose series are all known on the connection is
+//!   added from the copy's columns; only the rest is decoded from the WAL again.
 //! - **Back-off.** A failed connect, an I/O error, a timeout or an error frame closes the
 //!   connection and retries after a capped, jittered exponential delay. Meanwhile the
 //!   receive path is untouched: the WAL absorbs the difference until its budget, then the
 //!   receiver answers 503 with `Retry-After`.
 
 use crate::metrics::ShardMetrics;
+use crate::prepared::{Prepared, PreparedRecord, SeriesHasher};
 use crate::wal::format::{Enrichment, RemoteWritePayload, KIND_REMOTE_WRITE};
 use crate::wal::storage::Storage;
 use crate::wal::Wal;
@@ -56,6 +60,8 @@ pub struct ShipConfig {
     pub reply_timeout: Duration,
     /// Send target labels once per target rather than in every series' label set.
     pub split_target_labels: bool,
+    /// Samples per shard held as ship-ready copies (`crate::prepared`).
+    pub prepared_samples_max: usize,
 }
 
 impl Default for ShipConfig {
@@ -70,6 +76,7 @@ impl Default for ShipConfig {
             backoff_max: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
             split_target_labels: true,
+            prepared_samples_max: 1_000_000,
         }
     }
 }
@@ -213,32 +220,76 @@ fn put_key<'a>(key: &mut Vec<u8>, pairs: impl Iterator<Item = (&'a str, &'a str)
     }
 }
 
+/// Hashes a (fingerprint, target reference) key: the fingerprint is already a keyed
+/// hash, so its low bits and the target suffice.
+#[derive(Clone, Copy, Default)]
+struct FingerprintKey;
+
+struct FingerprintHasher(u64);
+
+impl std::hash::Hasher for FingerprintHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 ^= v as u64;
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 ^= u64::from(v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+impl std::hash::BuildHasher for FingerprintKey {
+    type Hasher = FingerprintHasher;
+    fn build_hasher(&self) -> FingerprintHasher {
+        FingerprintHasher(0)
+    }
+}
+
 /// Builds batches for one connection: series and target references live as long as it
 /// does.
-#[derive(Default)]
 pub struct BatchBuilder {
-    /// Series fingerprint (labels and target) → reference. A 128-bit keyed hash, not
-    /// the label bytes: the dictionary costs ~32 bytes per series instead of ~350, so
-    /// the agent's memory does not grow with the label sets of a million series.
-    refs: HashMap<u128, u32>,
-    fingerprint: (std::hash::RandomState, std::hash::RandomState),
+    /// (series fingerprint, target reference) → series reference. The fingerprint is a
+    /// 128-bit keyed hash of the labels (`crate::prepared::SeriesHasher`), not the label
+    /// bytes: the dictionary costs ~32 bytes per series instead of ~350, so the agent's
+    /// memory does not grow with the label sets of a million series.
+    refs: HashMap<(u128, u32), u32, FingerprintKey>,
+    hasher: SeriesHasher,
     targets: HashMap<Vec<u8>, u32>,
-    key: Vec<u8>,
     pub batch: ShipBatch,
     decoded: Batch,
     raw: Vec<u8>,
     split: bool,
+    /// Per record: its targets' connection references, resolved on first use.
+    record_refs: Vec<Option<u32>>,
+    /// Per prepared record: its series' references.
+    series_refs: Vec<u32>,
+    /// Records of the current batch added from their ship-ready copy.
+    pub copied_records: u64,
 }
 
 impl BatchBuilder {
-    pub fn new(agent: &str, shard: u32, split_target_labels: bool) -> Self {
+    /// `hasher` must be the one the shard's receive path prepares records with.
+    pub fn new(agent: &str, shard: u32, split_target_labels: bool, hasher: SeriesHasher) -> Self {
         let mut b = BatchBuilder {
-            fingerprint: (std::hash::RandomState::new(), std::hash::RandomState::new()),
-            ..BatchBuilder::default()
+            refs: HashMap::default(),
+            hasher,
+            targets: HashMap::new(),
+            batch: ShipBatch::default(),
+            decoded: Batch::default(),
+            raw: Vec::new(),
+            split: split_target_labels,
+            record_refs: Vec::new(),
+            series_refs: Vec::new(),
+            copied_records: 0,
         };
         b.batch.agent = agent.to_string();
         b.batch.shard = shard;
-        b.split = split_target_labels;
         b
     }
 
@@ -254,6 +305,7 @@ impl BatchBuilder {
         self.batch.clear();
         self.batch.first_seq = 0;
         self.batch.last_seq = 0;
+        self.copied_records = 0;
     }
 
     /// The connection's reference for a series with this label set and target. A series
@@ -266,19 +318,12 @@ impl BatchBuilder {
         target_ref: u32,
         target_labels: &[(&str, &str)],
     ) -> u32 {
-        self.key.clear();
-        // Raw bytes: the record was validated when it was received, and this runs for
-        // every sample, so no second UTF-8 check.
-        for l in &d.batch.labels[labels.range()] {
-            put_key_bytes(&mut self.key, d.bytes(l.name), d.bytes(l.value));
-        }
-        self.key.extend_from_slice(&target_ref.to_le_bytes());
-        let fp = self.fingerprint();
-        if let Some(r) = self.refs.get(&fp) {
+        let key = (self.hasher.labels(d, labels), target_ref);
+        if let Some(r) = self.refs.get(&key) {
             return *r;
         }
         let r = self.refs.len() as u32;
-        self.refs.insert(fp, r);
+        self.refs.insert(key, r);
         let pairs: Vec<(&str, &str)> = d.labels(labels).collect();
         let (mut absent, mut app) = (Vec::new(), Vec::new());
         crate::enrich::split(&pairs, target_labels.iter().copied(), &mut absent, &mut app);
@@ -289,15 +334,6 @@ impl BatchBuilder {
             labels: labels_of(app.iter().map(|&i| pairs[i as usize])),
         });
         r
-    }
-
-    /// Two SipHash-1-3 digests of `key` under random keys of this builder: collisions
-    /// cannot be aimed at by a sender (the keys are secret and per connection) and by
-    /// chance are ~n²/2¹²⁹ for n series (1e-25 for ten million).
-    fn fingerprint(&self) -> u128 {
-        use std::hash::BuildHasher;
-        let (a, b) = &self.fingerprint;
-        (u128::from(a.hash_one(&self.key)) << 64) | u128::from(b.hash_one(&self.key))
     }
 
     /// The connection's reference for target `ix` of a record (`None`: no known
@@ -337,13 +373,16 @@ impl BatchBuilder {
         r
     }
 
-    /// Adds one WAL record. Returns an error (and adds nothing) if it cannot be read.
+    /// Adds one WAL record, from `prepared` (its ship-ready copy) when that is given and
+    /// all its series are known on this connection, else by decoding the record. Returns
+    /// an error (and adds nothing) if it cannot be read.
     pub fn add_record(
         &mut self,
         seq: u64,
         kind: u8,
         format: u8,
         payload: &[u8],
+        prepared: Option<&PreparedRecord>,
     ) -> Result<(), String> {
         if self.batch.first_seq == 0 {
             self.batch.first_seq = seq;
@@ -351,6 +390,14 @@ impl BatchBuilder {
         self.batch.last_seq = seq;
         if kind != KIND_REMOTE_WRITE {
             return Err(format!("unknown record kind {kind} format {format}"));
+        }
+        if let Some(p) = prepared.filter(|p| p.seq == seq) {
+            let record = RemoteWritePayload::parse(format, payload)?;
+            let e = Enrichment::parse(record.enrichment)?;
+            if self.add_prepared(&e, !record.enrichment.is_empty(), p) {
+                self.copied_records += 1;
+                return Ok(());
+            }
         }
         let mut decoded = std::mem::take(&mut self.decoded);
         let mut raw = std::mem::take(&mut self.raw);
@@ -368,10 +415,70 @@ impl BatchBuilder {
         result
     }
 
+    /// The connection reference of the target of the record's `i`th series, through
+    /// `record_refs` (cleared per record; its last slot is "no known target").
+    fn series_target_ref(&mut self, e: &Enrichment<'_>, i: usize) -> (Option<usize>, u32) {
+        let ix = e.target_index(i);
+        let slot = ix.unwrap_or(e.targets.len());
+        let r = match self.record_refs[slot] {
+            Some(r) => r,
+            None => {
+                let r = self.record_target_ref(e, ix);
+                self.record_refs[slot] = Some(r);
+                r
+            }
+        };
+        (ix, r)
+    }
+
+    fn start_record(&mut self, e: &Enrichment<'_>) {
+        self.record_refs.clear();
+        self.record_refs.resize(e.targets.len() + 1, None);
+    }
+
+    /// A prepared record whose series are all known on this connection: its sample
+    /// columns go into the batch as they are. `false` (and nothing added, bar targets
+    /// new to the connection) when a series is new or the copy does not match the
+    /// record.
+    fn add_prepared(&mut self, e: &Enrichment<'_>, enriched: bool, p: &PreparedRecord) -> bool {
+        if enriched && e.series() != p.fingerprints.len() {
+            return false;
+        }
+        self.start_record(e);
+        let mut series_refs = std::mem::take(&mut self.series_refs);
+        series_refs.clear();
+        let mut known = true;
+        for (i, fp) in p.fingerprints.iter().enumerate() {
+            if p.samples(i).0.is_empty() {
+                series_refs.push(u32::MAX);
+                continue;
+            }
+            let (_, target_ref) = self.series_target_ref(e, i);
+            match self.refs.get(&(*fp, target_ref)) {
+                Some(r) => series_refs.push(*r),
+                None => {
+                    known = false;
+                    break;
+                }
+            }
+        }
+        if known {
+            let b = &mut self.batch;
+            for (i, r) in series_refs.iter().enumerate() {
+                let (ts, values) = p.samples(i);
+                if *r != u32::MAX {
+                    b.sample_refs.extend(std::iter::repeat_n(*r, ts.len()));
+                    b.sample_ts.extend_from_slice(ts);
+                    b.sample_values.extend_from_slice(values);
+                }
+            }
+        }
+        self.series_refs = series_refs;
+        known
+    }
+
     fn add_decoded(&mut self, d: Decoded<'_>, e: &Enrichment<'_>) {
-        // This record's targets → connection target refs, resolved on first use; the
-        // last slot is "no known target".
-        let mut record_refs: Vec<Option<u32>> = vec![None; e.targets.len() + 1];
+        self.start_record(e);
         for (i, s) in d.batch.series.iter().enumerate() {
             let samples = d.samples(s);
             let histograms = d.histograms(s);
@@ -379,16 +486,7 @@ impl BatchBuilder {
             if samples.is_empty() && histograms.is_empty() && exemplars.is_empty() {
                 continue;
             }
-            let ix = e.target_index(i);
-            let slot = ix.unwrap_or(e.targets.len());
-            let target_ref = match record_refs[slot] {
-                Some(r) => r,
-                None => {
-                    let r = self.record_target_ref(e, ix);
-                    record_refs[slot] = Some(r);
-                    r
-                }
-            };
+            let (ix, target_ref) = self.series_target_ref(e, i);
             let target_labels = match ix {
                 Some(i) if self.split => &e.targets[i].labels[..],
                 _ => &[][..],
@@ -456,6 +554,8 @@ pub struct Shipper<S: Storage> {
     pub wal: Rc<Wal<S>>,
     pub config: ShipConfig,
     pub metrics: Arc<Vec<ShardMetrics>>,
+    /// Ship-ready copies of the records, left by the shard's receive path.
+    pub prepared: Rc<Prepared>,
 }
 
 /// A small xorshift for back-off jitter (no need for a crate).
@@ -558,6 +658,7 @@ impl<S: Storage> Shipper<S> {
             &self.config.agent_id,
             self.shard,
             self.config.split_target_labels,
+            self.prepared.hasher(),
         );
         loop {
             // Wait for durable records at or after `next`.
@@ -584,7 +685,12 @@ impl<S: Storage> Shipper<S> {
                 let slice_end = builder.items() + slice;
                 let (mut full, mut sliced, mut last) = (false, false, None);
                 self.wal.replay(from, |seq, kind, format, payload| {
-                    if let Err(e) = builder.add_record(seq, kind, format, payload) {
+                    let prepared = self.prepared.take(seq);
+                    let added = builder.add_record(seq, kind, format, payload, prepared.as_ref());
+                    if let Some(p) = prepared {
+                        self.prepared.give_back(p);
+                    }
+                    if let Err(e) = added {
                         skipped += 1;
                         tracing::error!(shard = self.shard, seq, error = %e, "a WAL record cannot be read back; it is skipped");
                     }
@@ -636,6 +742,7 @@ impl<S: Storage> Shipper<S> {
             let m = self.m();
             m.batches.fetch_add(1, Relaxed);
             m.records.fetch_add(records, Relaxed);
+            m.copied_records.fetch_add(builder.copied_records, Relaxed);
             m.samples
                 .fetch_add(builder.batch.sample_refs.len() as u64, Relaxed);
             m.histograms

@@ -6,6 +6,7 @@
 
 use crate::enrich::{EnrichMetrics, Enricher};
 use crate::metrics::ShardMetrics;
+use crate::prepared::Prepared;
 use crate::wal::format::{remote_write_payload, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
 use crate::wal::storage::Storage;
 use crate::wal::{Wal, WalError};
@@ -93,6 +94,9 @@ pub struct WalSink<S: Storage> {
     pub enricher: Option<Enricher>,
     pub metrics: std::sync::Arc<Vec<ShardMetrics>>,
     pub shard: usize,
+    /// Shared with the shard's shipper: ship-ready copies of the records (`None`: the
+    /// shipper decodes every record from the WAL).
+    pub prepared: Option<std::rc::Rc<Prepared>>,
 }
 
 /// The protocol byte of WAL payloads.
@@ -127,10 +131,16 @@ pub fn request_payload(
 impl<S: Storage> Sink for WalSink<S> {
     async fn write(&self, request: Accepted<'_>) -> Result<(), SinkError> {
         let metrics = &self.metrics[self.shard].enrich;
-        self.wal
-            .append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |out| {
+        let seq = self
+            .wal
+            .enqueue(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |out| {
                 request_payload(out, &request, self.enricher.as_ref(), metrics)
-            })
+            })?;
+        if let Some(p) = &self.prepared {
+            p.insert(seq, &request.decoded);
+        }
+        self.wal
+            .durable(seq)
             .await
             .map(drop)
             .map_err(SinkError::from)

@@ -2,9 +2,11 @@
 //!
 //! The receive path's pure work for one request (snappy decompression into a reused
 //! buffer, in-place decode into a reused batch, enrichment against a snapshot, the WAL
-//! payload into a reused buffer) allocates nothing once warm. The shipper's work for a
-//! record whose series are all known allocates a constant number of times per record
-//! (parsing the record's enrichment section), however many samples it holds.
+//! payload into a reused buffer, the ship-ready copy from a pooled entry) allocates
+//! nothing once warm. The shipper's work for a record whose series are all known
+//! allocates a constant number of times per record (parsing the record's enrichment
+//! section), however many samples it holds, whether it decodes the record or takes the
+//! copy.
 //!
 //! Not covered: the glommio I/O around them (socket and DMA buffers come from glommio's
 //! own pools), and the server.
@@ -12,6 +14,7 @@
 use promgate_loadtest::{BodyTemplate, GenParams, Protocol as GenProtocol};
 use promgate_proto::{decode, Batch, Decoded, Limits, Protocol, RejectCounts};
 use promgate_shards::enrich::{EnrichConfig, EnrichMetrics, Enricher};
+use promgate_shards::prepared::{Prepared, SeriesHasher};
 use promgate_shards::ship::BatchBuilder;
 use promgate_shards::sink::{request_payload, Accepted};
 use promgate_shards::snapshot::{merge, Labels, SnapshotCell, Target};
@@ -123,6 +126,8 @@ fn receive_path_allocates_nothing_per_request_once_warm() {
     let enricher = Enricher::new(cell, &cfg());
     let metrics = EnrichMetrics::default();
     let mut payload = Vec::new();
+    let prepared = Prepared::new(SeriesHasher::random(), 1 << 20);
+    let mut seq = 0;
     let mut request = |body: &Vec<u8>| {
         let n = snappy.decompress(body, &mut raw).unwrap();
         decode(Protocol::V1, &raw[..n], &limits, &mut batch, &mut reasons).unwrap();
@@ -139,6 +144,11 @@ fn receive_path_allocates_nothing_per_request_once_warm() {
         };
         payload.clear();
         request_payload(&mut payload, &request, Some(&enricher), &metrics);
+        // The copy, and the shipper taking it and giving its buffers back.
+        seq += 1;
+        assert!(prepared.insert(seq, &d));
+        let copy = prepared.take(seq).unwrap();
+        prepared.give_back(copy);
     };
     for _ in 0..3 {
         bodies.iter().for_each(&mut request);
@@ -154,11 +164,13 @@ fn receive_path_allocates_nothing_per_request_once_warm() {
 
 /// Allocations per record of `series_per_body` samples, shipping the same records again
 /// and again on one connection (every series known after the first pass).
-fn ship_allocations_per_record(series_per_body: usize) -> u64 {
+fn ship_allocations_per_record(series_per_body: usize, with_copies: bool) -> u64 {
     let bodies = bodies(series_per_body, 4);
     let limits = Limits::default();
     let enricher = Enricher::new(Arc::new(SnapshotCell::default()), &cfg());
     let metrics = EnrichMetrics::default();
+    let prepared = Prepared::new(SeriesHasher::random(), usize::MAX);
+    let mut copies = Vec::new();
     let payloads: Vec<Vec<u8>> = bodies
         .iter()
         .map(|body| {
@@ -184,19 +196,22 @@ fn ship_allocations_per_record(series_per_body: usize) -> u64 {
             };
             let mut p = Vec::new();
             request_payload(&mut p, &request, Some(&enricher), &metrics);
+            prepared.insert(copies.len() as u64 + 1, &d);
+            copies.push(prepared.take(copies.len() as u64 + 1).unwrap());
             p
         })
         .collect();
-    let mut b = BatchBuilder::new("agent-1#e", 0, true);
-    let mut seq = 0;
-    let mut pass = |b: &mut BatchBuilder| {
+    let mut b = BatchBuilder::new("agent-1#e", 0, true, prepared.hasher());
+    // The same records (same sequence numbers) again and again: the copies match.
+    let pass = |b: &mut BatchBuilder| {
         b.reset();
-        for p in &payloads {
-            seq += 1;
-            b.add_record(seq, KIND_REMOTE_WRITE, PAYLOAD_VERSION, p)
+        for (i, p) in payloads.iter().enumerate() {
+            let copy = with_copies.then(|| &copies[i]);
+            b.add_record(i as u64 + 1, KIND_REMOTE_WRITE, PAYLOAD_VERSION, p, copy)
                 .unwrap();
         }
     };
+    // The first pass decodes (every series new), whatever it is offered.
     for _ in 0..3 {
         pass(&mut b);
     }
@@ -207,16 +222,22 @@ fn ship_allocations_per_record(series_per_body: usize) -> u64 {
     });
     assert!(b.batch.new_series.is_empty());
     assert_eq!(b.batch.sample_refs.len(), 4 * series_per_body);
+    assert_eq!(b.copied_records, if with_copies { 4 } else { 0 });
     n / 40
 }
 
 #[test]
 fn shipping_allocates_per_record_not_per_sample() {
-    let small = ship_allocations_per_record(200);
-    let large = ship_allocations_per_record(2000);
-    assert_eq!(
-        small, large,
-        "allocations per record grow with its samples: {small} at 200, {large} at 2000"
-    );
-    assert!(large <= 8, "{large} allocations per record");
+    for with_copies in [false, true] {
+        let small = ship_allocations_per_record(200, with_copies);
+        let large = ship_allocations_per_record(2000, with_copies);
+        assert_eq!(
+            small, large,
+            "allocations per record grow with its samples: {small} at 200, {large} at 2000 (copies: {with_copies})"
+        );
+        assert!(
+            large <= 8,
+            "{large} allocations per record (copies: {with_copies})"
+        );
+    }
 }

@@ -8,6 +8,7 @@
 use promgate_proto::messages::v1;
 use promgate_proto::{decode, Batch, Decoded, Limits, Protocol, RejectCounts};
 use promgate_shards::enrich::{enrich, EnrichConfig, EnrichMetrics, Enricher};
+use promgate_shards::prepared::{Prepared, PreparedRecord, SeriesHasher};
 use promgate_shards::ship::BatchBuilder;
 use promgate_shards::sink::{request_payload, Accepted};
 use promgate_shards::snapshot::{merge, Labels, SnapshotCell, Target};
@@ -139,7 +140,9 @@ proptest! {
                         .iter()
                         .map(|(n, v)| v1::Label { name: n.clone(), value: v.clone() })
                         .collect(),
-                    samples: vec![v1::Sample { value: i as f64, timestamp: 1000 }],
+                    samples: (0..1 + i as i64 % 2)
+                        .map(|t| v1::Sample { value: i as f64, timestamp: 1000 + t })
+                        .collect(),
                     ..Default::default()
                 })
                 .collect(),
@@ -158,10 +161,23 @@ proptest! {
         let request = Accepted { protocol: Protocol::V1, compressed: &body, decoded: d, header_tags: &[] };
         request_payload(&mut payload, &request, Some(&enricher), &metrics);
 
-        // Ship: the builder reads the record back.
-        let mut b = BatchBuilder::new("agent-7#e", 0, split);
-        b.add_record(1, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &payload).unwrap();
-        let out = &b.batch;
+        // Ship: the builder reads the record back. Its ship-ready copy is offered, but
+        // every series is new on the connection, so the record is decoded.
+        let prepared = Prepared::new(SeriesHasher::random(), 1 << 20);
+        let mut b = BatchBuilder::new("agent-7#e", 0, split, prepared.hasher());
+        prepared.insert(1, &d);
+        let copy = prepared.take(1);
+        b.add_record(1, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &payload, copy.as_ref()).unwrap();
+        let out = b.batch.clone();
+        // Again, from the copy now (all series known): the same samples, nothing new.
+        b.reset();
+        b.add_record(2, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &payload, copy.as_ref().map(|c| PreparedRecord { seq: 2, ..c.clone() }).as_ref()).unwrap();
+        prop_assert!(b.batch.new_series.is_empty() && b.batch.new_targets.is_empty());
+        prop_assert_eq!(b.copied_records, 1);
+        prop_assert_eq!(&b.batch.sample_refs, &out.sample_refs);
+        prop_assert_eq!(&b.batch.sample_ts, &out.sample_ts);
+        prop_assert_eq!(&b.batch.sample_values, &out.sample_values);
+        let out = &out;
         prop_assert_eq!(out.new_series.len(), sets.len());
         let (mut hits, mut misses, mut clashes) = (0u64, 0u64, 0u64);
         for (s, want) in out.new_series.iter().zip(&sets) {
@@ -251,20 +267,35 @@ fn a_series_is_resent_when_its_target_becomes_known() {
         request_payload(&mut p, &request, Some(enricher), &metrics);
         p
     };
-    let mut b = BatchBuilder::new("a#e", 0, true);
-    b.add_record(1, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &record(&enricher))
+    // Each record also comes with its ship-ready copy, as the receive path leaves them.
+    let prepared = Prepared::new(SeriesHasher::random(), 1 << 20);
+    let mut b = BatchBuilder::new("a#e", 0, true, prepared.hasher());
+    let add = |b: &mut BatchBuilder, seq: u64| {
+        let payload = record(&enricher);
+        prepared.insert(seq, &d);
+        let copy = prepared.take(seq).expect("prepared");
+        b.add_record(
+            seq,
+            KIND_REMOTE_WRITE,
+            PAYLOAD_VERSION,
+            &payload,
+            Some(&copy),
+        )
         .unwrap();
+    };
+    add(&mut b, 1);
     assert_eq!(b.batch.new_series.len(), 1);
+    assert_eq!(b.copied_records, 0, "a new series: decoded");
     // The same series again, same snapshot: nothing new.
     b.reset();
-    b.add_record(2, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &record(&enricher))
-        .unwrap();
+    add(&mut b, 2);
     assert!(b.batch.new_series.is_empty() && b.batch.new_targets.is_empty());
+    assert_eq!(b.batch.sample_refs, vec![0]);
+    assert_eq!(b.copied_records, 1);
     // The target becomes known.
     cell.publish(merge(1, &[targets(&[false; 6])], &cfg));
     b.reset();
-    b.add_record(3, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &record(&enricher))
-        .unwrap();
+    add(&mut b, 3);
     assert_eq!(b.batch.new_series.len(), 1, "sent again");
     let s = &b.batch.new_series[0];
     assert_eq!(s.series_ref, 1);

@@ -399,8 +399,20 @@ impl<S: Storage> Wal<S> {
         payload_format: u8,
         payload: impl FnOnce(&mut Vec<u8>),
     ) -> Result<u64, WalError> {
+        let seq = self.enqueue(kind, payload_format, payload)?;
+        self.durable(seq).await
+    }
+
+    /// The first half of [`Wal::append`]: gives the record its sequence number and
+    /// queues it for the next commit, without waiting.
+    pub fn enqueue(
+        &self,
+        kind: u8,
+        payload_format: u8,
+        payload: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<u64, WalError> {
         let retry_after_s = self.config.retry_after_s;
-        let seq = {
+        {
             let mut st = self.state.borrow_mut();
             if let Some((reason, at)) = &st.failure {
                 if at.elapsed() < Duration::from_secs(u64::from(retry_after_s)) {
@@ -426,8 +438,14 @@ impl<S: Storage> Wal<S> {
             st.total_bytes += (st.pending.len() - before) as u64;
             let len = st.pending.len() - before;
             st.pending_lens.push_back(len);
-            seq
-        };
+            Ok(seq)
+        }
+    }
+
+    /// The second half of [`Wal::append`]: resolves once record `seq` is durable (or
+    /// its write failed), committing when no commit is under way.
+    pub async fn durable(&self, seq: u64) -> Result<u64, WalError> {
+        let retry_after_s = self.config.retry_after_s;
         loop {
             let (durable, failed_upto, committing) = {
                 let st = self.state.borrow();
