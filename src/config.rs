@@ -181,6 +181,7 @@ pub struct ServerSection {
     pub read_samples_max: Option<u64>,
     pub query_connections_max: Option<usize>,
     pub cache_bytes: Option<usize>,
+    pub checkpoint_interval: Option<String>,
     /// The file's `[query]` section (a table of its own, copied here after parsing).
     #[serde(skip)]
     pub query: QuerySection,
@@ -367,8 +368,19 @@ pub fn server_config(
         .unwrap_or_else(|| promgate_server::RETENTION_DEFAULT.into());
     let retention_ms = promgate_server::parse_duration_ms(&retention_text)
         .map_err(|e| anyhow::anyhow!("server.retention: {e}"))?;
+    let checkpoint_text = section
+        .checkpoint_interval
+        .clone()
+        .unwrap_or_else(|| promgate_server::CHECKPOINT_INTERVAL_DEFAULT.into());
+    let checkpoint_ms = promgate_server::parse_duration_ms(&checkpoint_text)
+        .map_err(|e| anyhow::anyhow!("server.checkpoint_interval: {e}"))?;
+    anyhow::ensure!(
+        checkpoint_ms > 0,
+        "server.checkpoint_interval must be positive"
+    );
     let q = promgate_server::query::QueryConfig::default();
     Ok(promgate_server::ServerConfig {
+        checkpoint_interval: std::time::Duration::from_millis(checkpoint_ms as u64),
         listen: addr(
             listen,
             &section.listen,

@@ -2,7 +2,8 @@
 //! server stopped for a while, the agent killed with SIGKILL, the server killed with
 //! SIGKILL, each while the load harness is writing. Afterwards, remote_read must return
 //! every sample the harness had acknowledged, with its exact value, and no series may hold
-//! two samples at one timestamp (nothing lost, nothing duplicated).
+//! two samples at one timestamp (nothing lost, nothing duplicated). And once idle, the
+//! agent learns that the server made everything durable (its WAL may be deleted).
 
 mod common;
 
@@ -25,7 +26,15 @@ fn run(fault: Fault, name: &str) {
     let dir = temp_dir(name);
     let (sdata, adata) = (dir.join("server"), dir.join("agent"));
     let (ship, qport, aport) = (free_port(), free_port(), free_port());
-    let mut server = Server::start_in(&dir, &sdata, ship, qport, &[]);
+    // The server killed is one that never checkpoints on its own: the kill rolls back
+    // every batch it applied, and the agent must still hold them all in its WAL.
+    let never = dir.join("never-checkpoint.toml");
+    std::fs::write(&never, "[server]\ncheckpoint_interval = \"1h\"\n").unwrap();
+    let first_args: &[&str] = match fault {
+        Fault::ServerKilled => &["--config", never.to_str().unwrap()],
+        _ => &[],
+    };
+    let mut server = Server::start_in(&dir, &sdata, ship, qport, first_args);
     let server_addr = format!("127.0.0.1:{ship}");
     let agent_args = ["--shards", "2", "--server", &server_addr];
     let mut agent = Agent::start_in(&dir, &adata, aport, &agent_args);
@@ -66,6 +75,13 @@ fn run(fault: Fault, name: &str) {
         Fault::ServerKilled => {
             let applied = metric_sum(&server.metrics(), "promgate_server_batches_applied_total");
             assert!(applied > 0.0, "nothing was shipped before the kill");
+            let m = agent.metrics();
+            assert!(metric_sum(&m, "promgate_agent_ship_applied_seq") > 0.0);
+            assert_eq!(
+                metric_sum(&m, "promgate_agent_ship_acked_seq"),
+                0.0,
+                "the agent deleted WAL records the server had not made durable"
+            );
             server.child.kill().unwrap();
             server.child.wait().unwrap();
             server = Server::start_in(&dir, &sdata, ship, qport, &[]);
@@ -118,7 +134,24 @@ fn run(fault: Fault, name: &str) {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    // Idle now: within a checkpoint interval (5 s) and a sync (1 s) the agent hears that
+    // everything it shipped is durable.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = agent.metrics();
+        let applied = metric_sum(&m, "promgate_agent_ship_applied_seq");
+        let durable = metric_sum(&m, "promgate_agent_ship_acked_seq");
+        if applied > 0.0 && durable == applied {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{fault:?}: durable {durable} never reached applied {applied}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let m = server.metrics();
+    assert!(metric_sum(&m, "promgate_server_checkpoints_total") > 0.0);
     assert_eq!(metric_sum(&m, "promgate_server_commit_errors_total"), 0.0);
     assert_eq!(
         metric_sum(&m, "promgate_server_samples_out_of_order_total"),

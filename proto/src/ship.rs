@@ -7,8 +7,9 @@
 //! ```text
 //! offset size  field
 //!  0      4    magic      "PGSF"
-//!  4      1    version    FRAME_VERSION (2); anything else is answered with an error frame
+//!  4      1    version    FRAME_VERSION (3); anything else is answered with an error frame
 //!  5      1    kind       KIND_HELLO 1 | KIND_WELCOME 2 | KIND_BATCH 3 | KIND_ACK 4 | KIND_ERROR 5
+//!                         | KIND_SYNC 6
 //!  6      2    flags      u16 LE; bit 0 (FLAG_SNAPPY): the body is one snappy block;
 //!                         other bits must be zero
 //!  8      4    length     u32 LE, bytes of body on the wire (at most FRAME_BODY_MAX)
@@ -18,7 +19,7 @@
 //!
 //! The body, once decompressed, is an rkyv 0.8 archive (little-endian, aligned, relative
 //! pointers; the root object at the end) of the type the kind names: [`Hello`],
-//! [`Welcome`], [`ShipBatch`], [`Ack`] or [`ShipError`]. The receiver copies it into a
+//! [`Welcome`], [`ShipBatch`], [`Ack`], [`ShipError`] or [`Sync`]. The receiver copies it into a
 //! 16-byte-aligned buffer and validates the whole archive with bytecheck
 //! ([`access`]) before reading a field; [`check_batch`] then checks what bytecheck
 //! cannot (column lengths agree, label sets are well formed).
@@ -28,12 +29,22 @@
 //! ```text
 //! agent                                   server
 //!   HELLO {agent, shard}          ──▶
-//!                                 ◀──  WELCOME {applied_seq}    highest WAL seq already stored
+//!                                 ◀──  WELCOME {applied_seq, durable_seq}
 //!   BATCH {first_seq..last_seq}   ──▶                           (stop-and-wait: one in flight)
-//!                                 ◀──  ACK {seq = last_seq}     sent after the store commit is durable
+//!                                 ◀──  ACK {seq = last_seq, durable_seq}   after the store commit
 //!   ...
+//!   SYNC {seq}                    ──▶                           (idle, durable_seq behind)
+//!                                 ◀──  ACK {seq, durable_seq}
 //!                                 ◀──  ERROR {code, message}    then the server closes
 //! ```
+//!
+//! Two sequence numbers come back. `applied_seq` (and an ack's `seq`) is what the store
+//! holds and answers queries from: the next batch starts after it. `durable_seq` is what
+//! survives a crash of the server: the store commits batches without an fsync and makes
+//! them durable together at its periodic checkpoint. The agent may delete WAL records
+//! only up to `durable_seq`; after a server crash the WELCOME names the durable point
+//! and the agent resends from there. So the agent's WAL is the server's log too, and the
+//! store does not rewrite every series' open chunk on every batch.
 //!
 //! ## Batch layout ([`ShipBatch`])
 //!
@@ -67,13 +78,14 @@ use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 
 pub const MAGIC: [u8; 4] = *b"PGSF";
-pub const FRAME_VERSION: u8 = 2;
+pub const FRAME_VERSION: u8 = 3;
 pub const HEADER_BYTES: usize = 16;
 pub const KIND_HELLO: u8 = 1;
 pub const KIND_WELCOME: u8 = 2;
 pub const KIND_BATCH: u8 = 3;
 pub const KIND_ACK: u8 = 4;
 pub const KIND_ERROR: u8 = 5;
+pub const KIND_SYNC: u8 = 6;
 pub const FLAG_SNAPPY: u16 = 1;
 /// Largest body on the wire.
 pub const FRAME_BODY_MAX: usize = 64 << 20;
@@ -109,10 +121,23 @@ pub struct Hello {
 pub struct Welcome {
     /// Highest sequence number of this (agent, shard) already stored; 0 for none.
     pub applied_seq: u64,
+    /// Highest one that survives a crash of the server (at most `applied_seq`).
+    pub durable_seq: u64,
 }
 
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Ack {
+    /// The batch's `last_seq` (for a SYNC: the applied sequence number).
+    pub seq: u64,
+    /// Highest sequence number of this (agent, shard) that survives a crash of the
+    /// server: the agent may delete its WAL up to here.
+    pub durable_seq: u64,
+}
+
+/// Sent by an idle agent whose records are applied but not yet durable, to learn the
+/// durable point; `seq` is the applied sequence number it was last acknowledged.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Sync {
     pub seq: u64,
 }
 

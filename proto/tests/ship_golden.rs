@@ -210,12 +210,15 @@ fn refuses_wrong_magic() {
 #[test]
 fn refuses_other_versions() {
     let mut f = golden("batch_plain.bin");
-    // Version 1 (before target references) and a future 3.
+    // Version 1 (before target references), 2 (before durable sequence numbers) and a
+    // future 4.
     f[4] = 1;
     assert_eq!(open(&f).unwrap_err(), FrameError::UnsupportedVersion(1));
-    f[4] = 3;
+    f[4] = 2;
+    assert_eq!(open(&f).unwrap_err(), FrameError::UnsupportedVersion(2));
+    f[4] = 4;
     let e = open(&f).unwrap_err();
-    assert_eq!(e, FrameError::UnsupportedVersion(3));
+    assert_eq!(e, FrameError::UnsupportedVersion(4));
     assert_eq!(e.code(), promgate_proto::ship::code::UNSUPPORTED_VERSION);
     f[4] = 0;
     assert_eq!(open(&f).unwrap_err(), FrameError::UnsupportedVersion(0));
@@ -403,7 +406,7 @@ fn refuses_a_batch_whose_sample_columns_differ_in_length() {
 
 #[test]
 fn the_kind_byte_is_the_only_type_tag() {
-    // An archive carries no type information: Ack and Welcome are both one u64, so an
+    // An archive carries no type information: Ack and Welcome are both two u64s, so an
     // ack body validates as a welcome. The receiver must dispatch on the header's kind.
     let (kind, body) = open_complete(&golden("ack.bin")).unwrap();
     assert_eq!(kind, KIND_ACK);

@@ -10,7 +10,7 @@ use crate::metrics::ServerMetrics;
 use crate::store::{ApplyError, ConnRefs, Store};
 use promgate_proto::ship::{
     self, access, check_batch, code, open_body, parse_header, Ack, ArchivedHello,
-    ArchivedShipBatch, ShipError, Welcome, HEADER_BYTES,
+    ArchivedShipBatch, ArchivedSync, ShipError, Welcome, HEADER_BYTES,
 };
 use rkyv::util::AlignedVec;
 use std::io::{Read, Write};
@@ -92,6 +92,7 @@ impl<'a> Connection<'a> {
             let reply = match h.kind {
                 ship::KIND_HELLO => self.hello(&body),
                 ship::KIND_BATCH => self.batch(&body),
+                ship::KIND_SYNC => self.sync(&body),
                 k => Err((code::UNEXPECTED, format!("unexpected frame kind {k}"))),
             };
             match reply {
@@ -110,16 +111,45 @@ impl<'a> Connection<'a> {
         if agent.is_empty() {
             return Err((code::BAD_ARCHIVE, "hello with an empty agent id".into()));
         }
-        let applied_seq = self.store.applied_seq(&agent, shard);
-        tracing::info!(%agent, shard, applied_seq, "agent connected");
+        let l = self.store.hello(&agent, shard, &mut self.refs);
+        tracing::info!(%agent, shard, applied_seq = l.applied, durable_seq = l.durable, "agent connected");
         self.hello = Some((agent, shard));
-        self.refs.clear();
         ship::write_message(
             ship::KIND_WELCOME,
-            &Welcome { applied_seq },
+            &Welcome {
+                applied_seq: l.applied,
+                durable_seq: l.durable,
+            },
             false,
             &mut self.out,
         );
+        Ok(())
+    }
+
+    /// An idle agent asks how far its applied records are durable.
+    fn sync(&mut self, body: &[u8]) -> Result<(), (u16, String)> {
+        let Some((agent, shard)) = &self.hello else {
+            return Err((code::UNEXPECTED, "sync before hello".into()));
+        };
+        let seq = access::<ArchivedSync>(body)
+            .map_err(|e| (e.code(), e.to_string()))?
+            .seq
+            .to_native();
+        let l = self.store.ledger(agent, *shard);
+        if l.applied != seq {
+            return Err((
+                code::SEQUENCE,
+                format!(
+                    "sync at {seq}, but {} is applied; say hello again",
+                    l.applied
+                ),
+            ));
+        }
+        let ack = Ack {
+            seq,
+            durable_seq: l.durable,
+        };
+        ship::write_message(ship::KIND_ACK, &ack, false, &mut self.out);
         Ok(())
     }
 
@@ -142,7 +172,13 @@ impl<'a> Connection<'a> {
         match self.store.apply(b, &mut self.refs) {
             Ok(_) => {
                 let seq = b.last_seq.to_native();
-                ship::write_message(ship::KIND_ACK, &Ack { seq }, false, &mut self.out);
+                let durable_seq = self.store.ledger(agent, *shard).durable;
+                ship::write_message(
+                    ship::KIND_ACK,
+                    &Ack { seq, durable_seq },
+                    false,
+                    &mut self.out,
+                );
                 Ok(())
             }
             Err(ApplyError::Batch(m)) => Err((code::BAD_ARCHIVE, m)),

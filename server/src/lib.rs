@@ -18,6 +18,8 @@ use std::time::Duration;
 pub const LISTEN_DEFAULT: &str = "0.0.0.0:30033";
 pub const QUERY_LISTEN_DEFAULT: &str = "0.0.0.0:20416";
 pub const RETENTION_DEFAULT: &str = "15d";
+/// `server.checkpoint_interval` unless configured.
+pub const CHECKPOINT_INTERVAL_DEFAULT: &str = "5s";
 /// How often retention looks for expired partitions.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -29,6 +31,8 @@ pub struct ServerConfig {
     pub retention_ms: i64,
     /// redb page cache.
     pub cache_bytes: usize,
+    /// How often applied batches are made durable ([`store::Store::checkpoint`]).
+    pub checkpoint_interval: Duration,
     pub query: query::QueryConfig,
 }
 
@@ -117,6 +121,22 @@ pub fn start(config: ServerConfig) -> anyhow::Result<Server> {
                     Err(e) => tracing::error!(error = %e, "retention failed; will retry"),
                 }
                 std::thread::sleep(RETENTION_INTERVAL);
+            })?;
+    }
+    {
+        let store = store.clone();
+        let every = config.checkpoint_interval;
+        std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || loop {
+                std::thread::sleep(every.saturating_sub(store.since_checkpoint()));
+                if store.since_checkpoint() < every {
+                    continue;
+                }
+                if let Err(e) = store.checkpoint() {
+                    tracing::error!(error = %e, "checkpoint failed; agents keep their WAL records and the next one tries again");
+                    std::thread::sleep(every);
+                }
             })?;
     }
     tracing::info!(%ship_addr, %query_addr, dir = %config.data_dir.display(), "server listening");

@@ -139,16 +139,30 @@ pub fn render(m: &ServerMetrics, store: &Store) -> String {
     line(
         &mut out,
         "promgate_server_commit_errors_total",
-        "Store commits that failed (the batch was not acknowledged).",
+        "Store commits that failed (a batch was not acknowledged, or a checkpoint did not happen).",
         "counter",
         s.commit_errors.load(Relaxed),
     );
     line(
         &mut out,
         "promgate_server_commit_seconds_total",
-        "Time spent applying and committing batches.",
+        "Time spent applying and committing batches (without fsync; see checkpoints).",
         "counter",
         s.commit_micros.load(Relaxed) as f64 / 1e6,
+    );
+    line(
+        &mut out,
+        "promgate_server_checkpoints_total",
+        "Durable commits of the open chunks changed since the previous one (each makes every batch applied before it durable).",
+        "counter",
+        s.checkpoints.load(Relaxed),
+    );
+    line(
+        &mut out,
+        "promgate_server_checkpoint_seconds_total",
+        "Time spent in checkpoints.",
+        "counter",
+        s.checkpoint_micros.load(Relaxed) as f64 / 1e6,
     );
     line(
         &mut out,

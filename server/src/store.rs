@@ -34,13 +34,29 @@
 //! series' labels from its app labels and its target's labels ([`ConnRefs`]), interns new
 //! label sets (series, labels, postings), stores the series' tags beside its labels
 //! (`tags` and tag postings; a series that comes back with other tags gets the new ones),
-//! appends each sample to its series' open chunk (the
-//! head, kept decoded in memory and written to `head` for every series the batch
-//! touched), seals a chunk into `chunks` when it holds 120 samples or the next sample
-//! falls in another partition, stores histograms, exemplars and metadata, and raises
-//! `applied` for the batch's (agent, shard) to its `last_seq`. The commit is durable when
-//! `apply` returns, and only then is the batch acknowledged. A batch whose `last_seq` is
-//! not above `applied` is skipped whole: a replay never stores a sample twice.
+//! appends each sample to its series' open chunk (the head, kept in memory), seals a
+//! chunk into `chunks` when it holds 120 samples or the next sample falls in another
+//! partition, stores histograms, exemplars and metadata, and raises `applied` for the
+//! batch's (agent, shard) to its `last_seq`. A batch whose `last_seq` is not above
+//! `applied` is skipped whole: a replay never stores a sample twice.
+//!
+//! ## Checkpoints: the agents' WALs are the store's log
+//!
+//! A batch's commit is not fsynced (redb `Durability::None`): queries see it at once,
+//! but a crash of the server rolls the database back to its last durable commit. Every
+//! `checkpoint_interval` (and when the store is closed) [`Store::checkpoint`] writes the
+//! open chunk of every series changed since the last one into `head` and commits
+//! durably, which makes every earlier commit durable with it; `applied` as of that
+//! commit is the durable point each ack and welcome reports (`durable_seq`). Agents
+//! delete WAL records only up to it, so after a crash they resend exactly what was rolled
+//! back. This is what keeps a batch's cost proportional to its samples: the open chunks
+//! of a million series are written once per checkpoint, not once per batch.
+//!
+//! Every durable commit (a checkpoint, retention) writes the changed open chunks, so
+//! `head`, `chunks` and `applied` always agree on disk. After a rollback (a failed
+//! commit reopens the database) the store's epoch changes and every ship connection
+//! must say hello again, so none keeps series references or a sequence number from
+//! before it.
 //!
 //! A sample whose timestamp is not after the newest one of its series is not stored:
 //! equal timestamp and identical bits is a resend (`samples_duplicate_total`), anything
@@ -51,7 +67,7 @@
 //! ## Recovery and retention
 //!
 //! At open, the head is rebuilt from `head` (each chunk decoded and re-encoded into a
-//! live encoder). Retention (`retention`, default 15 days) deletes whole partitions that
+//! live encoder). Queries read open chunks from memory. Retention (`retention`, default 15 days) deletes whole partitions that
 //! ended before `now - retention` from `chunks`, `histograms`, `exemplars` and `head`.
 //! The series index is kept (series are not garbage-collected yet).
 
@@ -62,6 +78,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
+use std::time::Instant;
 
 pub const PARTITION_MS: i64 = 2 * 3600 * 1000;
 /// redb's page cache unless configured (`server.cache_bytes`).
@@ -175,6 +192,8 @@ pub struct StoreMetrics {
     pub metadata_stored: AtomicU64,
     pub commit_errors: AtomicU64,
     pub commit_micros: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub checkpoint_micros: AtomicU64,
     pub retention_partitions_deleted: AtomicU64,
 }
 
@@ -185,14 +204,35 @@ struct HeadSeries {
     max_t: i64,
     /// Bits of the newest value (to tell a resend from a conflicting sample).
     last_bits: u64,
+    /// The commit generation that last sealed a chunk of this series.
+    sealed_gen: u64,
 }
 
 struct Head {
     series: HashMap<u64, HeadSeries>,
     next_sid: u64,
+    /// Applied sequence numbers, committed (durably or not).
     applied: HashMap<String, u64>,
+    /// `applied` as of the last durable commit.
+    durable: HashMap<String, u64>,
+    /// Series whose open chunk changed since the last durable commit.
+    dirty: hashbrown::HashSet<u64>,
+    /// Commits so far (readers compare it with `sealed_gen`).
+    generation: u64,
+    /// Changes with every reload from disk; connections from an older epoch must say
+    /// hello again.
+    epoch: u64,
+    last_checkpoint: Instant,
     /// Memory no longer matches disk after a failed commit: rebuild before the next use.
     stale: bool,
+}
+
+/// An (agent, shard)'s sequence numbers: applied (what queries see) and durable (what
+/// survives a crash of the server).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ledger {
+    pub applied: u64,
+    pub durable: u64,
 }
 
 pub struct Store {
@@ -245,6 +285,8 @@ pub enum Applied {
 pub struct ConnRefs {
     pub series: HashMap<u32, u64>,
     pub targets: HashMap<u32, (Labels, Labels)>,
+    /// The store epoch of the connection's hello ([`Store::hello`]); `None` before it.
+    pub epoch: Option<u64>,
 }
 
 impl ConnRefs {
@@ -354,6 +396,11 @@ impl Store {
                 series: HashMap::new(),
                 next_sid: 1,
                 applied: HashMap::new(),
+                durable: HashMap::new(),
+                dirty: hashbrown::HashSet::new(),
+                generation: 0,
+                epoch: 0,
+                last_checkpoint: Instant::now(),
                 stale: true,
             }),
             metrics: StoreMetrics::default(),
@@ -431,6 +478,7 @@ impl Store {
                     min_t,
                     max_t,
                     last_bits,
+                    sealed_gen: 0,
                 },
             );
         }
@@ -438,32 +486,143 @@ impl Store {
             let (k, v) = row?;
             head.applied.insert(k.value().to_string(), v.value());
         }
+        head.durable = head.applied.clone();
+        head.dirty.clear();
         head.next_sid = rtx
             .open_table(META)?
             .get("next_sid")?
             .map_or(1, |v| v.value());
+        head.epoch += 1;
+        head.generation += 1;
         head.stale = false;
         Ok(())
     }
 
-    /// Highest applied sequence number of (agent, shard); 0 if none.
-    pub fn applied_seq(&self, agent: &str, shard: u32) -> u64 {
+    /// The sequence numbers of (agent, shard); 0 for none.
+    pub fn ledger(&self, agent: &str, shard: u32) -> Ledger {
         let head = self.head.lock().expect("not poisoned");
-        head.applied
-            .get(&applied_key(agent, shard))
-            .copied()
-            .unwrap_or(0)
+        Store::ledger_of(&head, &applied_key(agent, shard))
     }
 
-    /// Stores one batch durably (see the module doc). `refs` maps this connection's
-    /// series references to series ids and grows with the batch's new series.
+    fn ledger_of(head: &Head, key: &str) -> Ledger {
+        Ledger {
+            applied: head.applied.get(key).copied().unwrap_or(0),
+            durable: head.durable.get(key).copied().unwrap_or(0),
+        }
+    }
+
+    /// Highest applied sequence number of (agent, shard); 0 if none.
+    pub fn applied_seq(&self, agent: &str, shard: u32) -> u64 {
+        self.ledger(agent, shard).applied
+    }
+
+    /// A connection's hello: its references start empty in the current epoch, and the
+    /// (agent, shard)'s sequence numbers say where its batches resume.
+    pub fn hello(&self, agent: &str, shard: u32, refs: &mut ConnRefs) -> Ledger {
+        let mut head = self.head.lock().expect("not poisoned");
+        if head.stale && self.reload(&mut head).is_err() {
+            // Keep the stale epoch: the first batch tries again and reports the error.
+        }
+        refs.clear();
+        refs.epoch = Some(head.epoch);
+        Store::ledger_of(&head, &applied_key(agent, shard))
+    }
+
+    /// Reopens the database if it was closed, and rebuilds the head from it.
+    fn reload(&self, head: &mut Head) -> Result<(), ApplyError> {
+        if self.db.read().expect("not poisoned").is_none() {
+            self.reopen();
+        }
+        self.load_head(head).map_err(storage)
+    }
+
+    /// Makes everything committed so far durable (see the module doc) if anything
+    /// changed since the last checkpoint. Returns whether it committed.
+    pub fn checkpoint(&self) -> Result<bool, ApplyError> {
+        let mut head = self.head.lock().expect("not poisoned");
+        if head.stale {
+            self.reload(&mut head)?;
+        }
+        if head.dirty.is_empty() && head.applied == head.durable {
+            head.last_checkpoint = Instant::now();
+            return Ok(false);
+        }
+        let started = Instant::now();
+        let tx = self.begin_write()?;
+        let result =
+            Store::write_dirty_head(&tx, &mut head).and_then(|()| tx.commit().map_err(storage));
+        self.finish_durable_commit(&mut head, result)?;
+        self.metrics.checkpoints.fetch_add(1, Relaxed);
+        self.metrics
+            .checkpoint_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+        Ok(true)
+    }
+
+    /// Time since the last checkpoint.
+    pub fn since_checkpoint(&self) -> std::time::Duration {
+        self.head
+            .lock()
+            .expect("not poisoned")
+            .last_checkpoint
+            .elapsed()
+    }
+
+    /// Writes the open chunk of every series changed since the last durable commit into
+    /// `head`, as part of a durable commit.
+    fn write_dirty_head(tx: &redb::WriteTransaction, head: &mut Head) -> Result<(), ApplyError> {
+        let mut head_t = tx.open_table(HEAD).map_err(storage)?;
+        let mut value = Vec::new();
+        for sid in &head.dirty {
+            // A series retention removed since has its row removed already.
+            let Some(h) = head.series.get(sid) else {
+                continue;
+            };
+            value.clear();
+            value.extend_from_slice(&h.partition.to_le_bytes());
+            value.extend_from_slice(&h.min_t.to_le_bytes());
+            value.extend_from_slice(h.enc.bytes());
+            head_t.insert(*sid, value.as_slice()).map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    /// After a durable commit: on success the durable point moves up; on failure the
+    /// database is reopened and the head rebuilt at the next use.
+    fn finish_durable_commit(
+        &self,
+        head: &mut Head,
+        result: Result<(), ApplyError>,
+    ) -> Result<(), ApplyError> {
+        match result {
+            Ok(()) => {
+                head.dirty.clear();
+                head.durable = head.applied.clone();
+                head.generation += 1;
+                head.last_checkpoint = Instant::now();
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.commit_errors.fetch_add(1, Relaxed);
+                head.stale = true;
+                self.reopen();
+                Err(e)
+            }
+        }
+    }
+
+    /// Stores one batch (see the module doc; durable at the next checkpoint). `refs`
+    /// maps this connection's series references to series ids and grows with the
+    /// batch's new series; it must come from [`Store::hello`] in the current epoch.
     pub fn apply(&self, b: &ArchivedShipBatch, refs: &mut ConnRefs) -> Result<Applied, ApplyError> {
         let mut head = self.head.lock().expect("not poisoned");
         if head.stale {
-            if self.db.read().expect("not poisoned").is_none() {
-                self.reopen();
-            }
-            self.load_head(&mut head).map_err(storage)?;
+            self.reload(&mut head)?;
+        }
+        if refs.epoch != Some(head.epoch) {
+            return Err(ApplyError::Storage(
+                "the store was rolled back to its last checkpoint since this connection's hello; say hello again".into(),
+            ));
         }
         let key = applied_key(&b.agent, b.shard.to_native());
         let applied = head.applied.get(&key).copied().unwrap_or(0);
@@ -486,6 +645,7 @@ impl Store {
         match result {
             Ok(n) => {
                 head.stale = false;
+                head.generation += 1;
                 head.applied.insert(key, last);
                 self.metrics.batches_applied.fetch_add(1, Relaxed);
                 self.metrics
@@ -498,7 +658,12 @@ impl Store {
                 // Connection refs may point at series ids that were never committed.
                 refs.clear();
                 if matches!(e, ApplyError::Storage(_)) {
+                    // Memory may hold part of the batch: rebuilt from the last
+                    // checkpoint at the next use (every connection resends from there).
                     self.reopen();
+                } else {
+                    // Refused before anything in memory changed.
+                    head.stale = false;
                 }
                 Err(e)
             }
@@ -514,12 +679,14 @@ impl Store {
         if b.new_series.is_empty() && b.new_targets.is_empty() {
             return Ok(());
         }
-        let tx = self.begin_write()?;
+        let mut tx = self.begin_write()?;
+        tx.set_durability(redb::Durability::None);
         let mut next_sid = head.next_sid;
         self.intern(&tx, b, refs, &mut next_sid)?;
         put_next_sid(&tx, next_sid)?;
         tx.commit().map_err(storage)?;
         head.next_sid = next_sid;
+        head.generation += 1;
         Ok(())
     }
 
@@ -615,15 +782,25 @@ impl Store {
         applied_key: &str,
         last: u64,
     ) -> Result<u64, ApplyError> {
-        let tx = self.begin_write()?;
+        let mut tx = self.begin_write()?;
+        tx.set_durability(redb::Durability::None);
         let mut next_sid = head.next_sid;
         self.intern(&tx, b, refs, &mut next_sid)?;
+        let sealed_gen = head.generation + 1;
         let sid_of = |r: u32| {
             refs.series.get(&r).copied().ok_or_else(|| {
                 ApplyError::Batch(format!("sample refers to unknown series ref {r}"))
             })
         };
-        let mut touched: hashbrown::HashSet<u64> = hashbrown::HashSet::new();
+        // Every reference is checked before memory changes: a malformed batch leaves
+        // the head as it was (no rebuild, no rollback for the other connections).
+        let refs_used = b.sample_refs.iter().map(|r| r.to_native());
+        let refs_used = refs_used
+            .chain(b.histograms.iter().map(|h| h.series_ref.to_native()))
+            .chain(b.exemplars.iter().map(|e| e.series_ref.to_native()));
+        for r in refs_used {
+            sid_of(r)?;
+        }
         let mut stored = 0u64;
         {
             let mut chunks = tx.open_table(CHUNKS).map_err(storage)?;
@@ -659,6 +836,7 @@ impl Store {
                             min_t: t,
                             max_t: t,
                             last_bits: v.to_bits(),
+                            sealed_gen,
                         };
                     }
                     Some(h) => {
@@ -677,21 +855,13 @@ impl Store {
                                 min_t: t,
                                 max_t: t,
                                 last_bits: v.to_bits(),
+                                sealed_gen: 0,
                             },
                         );
                     }
                 }
-                touched.insert(sid);
+                head.dirty.insert(sid);
                 stored += 1;
-            }
-            let mut head_t = tx.open_table(HEAD).map_err(storage)?;
-            for sid in &touched {
-                let h = &head.series[sid];
-                value.clear();
-                value.extend_from_slice(&h.partition.to_le_bytes());
-                value.extend_from_slice(&h.min_t.to_le_bytes());
-                value.extend_from_slice(h.enc.bytes());
-                head_t.insert(*sid, value.as_slice()).map_err(storage)?;
             }
         }
         let (mut hist_new, mut hist_dup) = (0, 0);
@@ -758,20 +928,20 @@ impl Store {
         Ok(stored + hist_new)
     }
 
-    pub fn reader(&self) -> anyhow::Result<Reader> {
-        let tx = self.begin_read().map_err(|e| anyhow::anyhow!("{e}"))?;
-        // The partitions that hold anything, so a query over a huge window only visits
-        // those.
-        let mut span: Option<(i64, i64)> = None;
-        for def in [CHUNKS, HISTOGRAMS] {
-            let t = tx.open_table(def)?;
-            let a = t.first()?.map(|(k, _)| k.value().0);
-            let b = t.last()?.map(|(k, _)| k.value().0);
-            if let (Some(a), Some(b)) = (a, b) {
-                span = Some(span.map_or((a, b), |(x, y)| (x.min(a), y.max(b))));
-            }
-        }
-        Ok(Reader { tx, span })
+    pub fn reader(&self) -> anyhow::Result<Reader<'_>> {
+        // Under the head lock, so the snapshot is exactly the commits of `generation`.
+        let (tx, generation) = {
+            let head = self.head.lock().expect("not poisoned");
+            let tx = self.begin_read().map_err(|e| anyhow::anyhow!("{e}"))?;
+            (tx, head.generation)
+        };
+        let span = partition_span(&tx)?;
+        Ok(Reader {
+            tx,
+            span,
+            store: self,
+            generation,
+        })
     }
 
     /// Deletes every partition that ended before `now_ms - retention`. Returns the
@@ -808,11 +978,11 @@ impl Store {
                 }
             }
         }
-        if let Err(e) = tx.commit() {
-            head.stale = true;
-            self.reopen();
-            return Err(e.into());
-        }
+        // A durable commit: it carries the open chunks changed since the last one.
+        let result =
+            Store::write_dirty_head(&tx, &mut head).and_then(|()| tx.commit().map_err(storage));
+        self.finish_durable_commit(&mut head, result)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let n = partitions.len() as u64;
         self.metrics
             .retention_partitions_deleted
@@ -825,14 +995,43 @@ impl Store {
     }
 }
 
-/// A consistent snapshot for queries.
-pub struct Reader {
+/// The first and last partition that hold anything in `tx`, so a query over a huge
+/// window only visits those.
+fn partition_span(tx: &redb::ReadTransaction) -> anyhow::Result<Option<(i64, i64)>> {
+    let mut span: Option<(i64, i64)> = None;
+    for def in [CHUNKS, HISTOGRAMS] {
+        let t = tx.open_table(def)?;
+        let a = t.first()?.map(|(k, _)| k.value().0);
+        let b = t.last()?.map(|(k, _)| k.value().0);
+        if let (Some(a), Some(b)) = (a, b) {
+            span = Some(span.map_or((a, b), |(x, y)| (x.min(a), y.max(b))));
+        }
+    }
+    Ok(span)
+}
+
+/// Closing the store makes everything applied durable (a crash instead loses only
+/// what the agents still hold in their WALs).
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            tracing::error!(error = %e, "final checkpoint failed; agents resend what it would have made durable");
+        }
+    }
+}
+
+/// A consistent snapshot of the database for queries, plus the open chunks read from
+/// memory when they are asked for.
+pub struct Reader<'s> {
     tx: redb::ReadTransaction,
     /// First and last partition with sealed chunks or histograms.
     span: Option<(i64, i64)>,
+    store: &'s Store,
+    /// The store's commit generation `tx` shows.
+    generation: u64,
 }
 
-impl Reader {
+impl Reader<'_> {
     pub fn labels(&self, sid: u64) -> anyhow::Result<Option<Labels>> {
         Ok(self
             .tx
@@ -925,39 +1124,32 @@ impl Reader {
     }
 
     /// Chunks and histograms of `sid` overlapping `[start, end]`.
+    ///
+    /// The open chunk comes from memory. If one of the series' chunks was sealed after
+    /// this reader's snapshot, the sealed chunks are read from a snapshot taken together
+    /// with the open chunk, so none falls between the two.
     pub fn series_data(&self, sid: u64, start: i64, end: i64) -> anyhow::Result<SeriesData> {
-        let mut d = SeriesData::default();
-        let chunks = self.tx.open_table(CHUNKS)?;
-        let hist = self.tx.open_table(HISTOGRAMS)?;
-        // A chunk lies within one partition, so only the window's partitions are read,
-        // and of those only the ones that hold anything.
-        let (lo, hi) = self.span.unwrap_or((0, -1));
-        for p in partition_of(start).max(lo)..=partition_of(end).min(hi) {
-            for row in chunks.range((p, sid, i64::MIN)..=(p, sid, i64::MAX))? {
-                let (k, v) = row?;
-                let v = v.value();
-                let max_t = i64::from_le_bytes(v[0..8].try_into().expect("8"));
-                let min_t = k.value().2;
-                if min_t <= end && max_t >= start {
-                    d.chunks.push((min_t, max_t, v[8..].to_vec()));
-                }
-            }
-            for row in hist.range((p, sid, start)..=(p, sid, end))? {
-                let (k, v) = row?;
-                d.histograms.push((k.value().2, v.value().to_vec()));
-            }
+        let mut head = self.store.head.lock().expect("not poisoned");
+        if head.stale {
+            // After a failed commit: memory and disk are back at the last checkpoint
+            // once the head is rebuilt.
+            self.store
+                .reload(&mut head)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
-        if let Some(v) = self.tx.open_table(HEAD)?.get(sid)? {
-            let v = v.value();
-            let min_t = i64::from_le_bytes(v[8..16].try_into().expect("8"));
-            let chunk = &v[16..];
-            let max_t = xor::decode(chunk)
-                .ok()
-                .and_then(|s| s.last().map(|x| x.0))
-                .unwrap_or(min_t);
-            if min_t <= end && max_t >= start {
-                d.chunks.push((min_t, max_t, chunk.to_vec()));
+        let open = head.series.get(&sid);
+        let mut d = match open {
+            Some(h) if h.sealed_gen > self.generation => {
+                let tx = self
+                    .store
+                    .begin_read()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                sealed_data(&tx, partition_span(&tx)?, sid, start, end)?
             }
+            _ => sealed_data(&self.tx, self.span, sid, start, end)?,
+        };
+        if let Some(h) = open.filter(|h| h.min_t <= end && h.max_t >= start) {
+            d.chunks.push((h.min_t, h.max_t, h.enc.bytes().to_vec()));
         }
         Ok(d)
     }
@@ -988,4 +1180,37 @@ impl Reader {
             self.tx.open_table(CHUNKS)?.len()?,
         ))
     }
+}
+
+/// Sealed chunks and histograms of `sid` overlapping `[start, end]` in `tx`, whose
+/// partitions with data are `span`.
+fn sealed_data(
+    tx: &redb::ReadTransaction,
+    span: Option<(i64, i64)>,
+    sid: u64,
+    start: i64,
+    end: i64,
+) -> anyhow::Result<SeriesData> {
+    let mut d = SeriesData::default();
+    let chunks = tx.open_table(CHUNKS)?;
+    let hist = tx.open_table(HISTOGRAMS)?;
+    // A chunk lies within one partition, so only the window's partitions are read,
+    // and of those only the ones that hold anything.
+    let (lo, hi) = span.unwrap_or((0, -1));
+    for p in partition_of(start).max(lo)..=partition_of(end).min(hi) {
+        for row in chunks.range((p, sid, i64::MIN)..=(p, sid, i64::MAX))? {
+            let (k, v) = row?;
+            let v = v.value();
+            let max_t = i64::from_le_bytes(v[0..8].try_into().expect("8"));
+            let min_t = k.value().2;
+            if min_t <= end && max_t >= start {
+                d.chunks.push((min_t, max_t, v[8..].to_vec()));
+            }
+        }
+        for row in hist.range((p, sid, start)..=(p, sid, end))? {
+            let (k, v) = row?;
+            d.histograms.push((k.value().2, v.value().to_vec()));
+        }
+    }
+    Ok(d)
 }

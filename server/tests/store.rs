@@ -1,11 +1,11 @@
 //! The store on its own: exactly-once by sequence number, duplicate and out-of-order
-//! samples, chunk sealing, recovery of the head after reopening, retention, and
-//! series selection with all four matcher types.
+//! samples, chunk sealing, recovery of the head after reopening, checkpoints, retention,
+//! and series selection with all four matcher types.
 
 use promgate_proto::ship::{self, ArchivedShipBatch, Label, NewSeries, NewTarget, ShipBatch};
 use promgate_proto::xor;
 use promgate_server::select::{select, MatchKind, Matcher, TagView};
-use promgate_server::store::{Applied, ApplyError, ConnRefs, Reader, Store, PARTITION_MS};
+use promgate_server::store::{Applied, ApplyError, ConnRefs, Ledger, Reader, Store, PARTITION_MS};
 
 /// Queries as remote_read sees them by default: original labels only.
 const VIEW: TagView = TagView {
@@ -63,7 +63,11 @@ fn batch(
     }
 }
 
+/// Applies `b` on the connection `refs` (saying hello first on a new one).
 fn apply(store: &Store, b: &ShipBatch, refs: &mut ConnRefs) -> Result<Applied, ApplyError> {
+    if refs.epoch.is_none() {
+        store.hello(&b.agent, b.shard, refs);
+    }
     let bytes = ship::archive(b);
     let a = ship::access::<ArchivedShipBatch>(&bytes).unwrap();
     ship::check_batch(a).unwrap();
@@ -90,9 +94,13 @@ fn selected(r: &Reader, ms: &[(MatchKind, &str, &str)], view: TagView) -> Vec<St
 
 /// Every stored (t, bits) of the series with these labels, in order.
 fn read(store: &Store, name: &str) -> Vec<(i64, u64)> {
-    let r = store.reader().unwrap();
+    read_with(&store.reader().unwrap(), name)
+}
+
+/// [`read`] through a given reader.
+fn read_with(r: &Reader, name: &str) -> Vec<(i64, u64)> {
     let m = [Matcher::new(MatchKind::Equal, "__name__", name).unwrap()];
-    let found = select(&r, &m, VIEW).unwrap();
+    let found = select(r, &m, VIEW).unwrap();
     assert!(found.len() <= 1);
     let Some((sid, _)) = found.first() else {
         return Vec::new();
@@ -252,6 +260,45 @@ fn chunks_seal_at_120_samples_and_partition_edges_and_survive_reopening() {
     )
     .unwrap();
     want.push((t, STALE));
+    assert_eq!(read(&store, "up"), want);
+}
+
+#[test]
+fn batches_become_durable_at_checkpoints_and_queries_see_them_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    let mut refs = ConnRefs::default();
+    let samples: Vec<(u32, i64, u64)> = (0..150)
+        .map(|i| (0, 1_000_000 + i * 15_000, (i as f64).to_bits()))
+        .collect();
+    let want: Vec<(i64, u64)> = samples.iter().map(|s| (s.1, s.2)).collect();
+    apply(&store, &batch(1, 1, &[(0, UP)], &samples[..100]), &mut refs).unwrap();
+    let ledger = |l: &Store| l.ledger("agent-a", 0);
+    assert_eq!(
+        ledger(&store),
+        Ledger {
+            applied: 1,
+            durable: 0
+        }
+    );
+    // A reader from before the next batch, which seals the first 120 samples into a
+    // chunk: it still sees every sample, the sealed chunk included.
+    let before = store.reader().unwrap();
+    apply(&store, &batch(2, 2, &[], &samples[100..]), &mut refs).unwrap();
+    assert_eq!(read_with(&before, "up"), want);
+    drop(before);
+    assert_eq!(read(&store, "up"), want);
+    assert!(store.checkpoint().unwrap());
+    assert_eq!(
+        ledger(&store),
+        Ledger {
+            applied: 2,
+            durable: 2
+        }
+    );
+    assert!(!store.checkpoint().unwrap(), "nothing changed since");
+    drop(store);
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
     assert_eq!(read(&store, "up"), want);
 }
 

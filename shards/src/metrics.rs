@@ -145,6 +145,7 @@ pub struct ShipMetrics {
     pub series_sent: AtomicU64,
     pub bytes: AtomicU64,
     pub acked_seq: AtomicU64,
+    pub applied_seq: AtomicU64,
     pub skipped_records: AtomicU64,
     pub copied_records: AtomicU64,
 }
@@ -479,7 +480,7 @@ fn render_wal(shards: &[ShardMetrics], out: &mut String) {
 }
 
 fn render_ship(shards: &[ShardMetrics], out: &mut String) {
-    let gauges: [(&str, &str, Getter); 2] = [
+    let gauges: [(&str, &str, Getter); 3] = [
         (
             "promgate_agent_ship_connected",
             "1 while the shard's shipper holds a connection to the server (an idle shipper notices a lost server at its next batch).",
@@ -487,8 +488,13 @@ fn render_ship(shards: &[ShardMetrics], out: &mut String) {
         ),
         (
             "promgate_agent_ship_acked_seq",
-            "Highest WAL sequence number the server has acknowledged as stored.",
+            "Highest WAL sequence number the server has made durable; the WAL is deleted up to it.",
             |m| &m.ship.acked_seq,
+        ),
+        (
+            "promgate_agent_ship_applied_seq",
+            "Highest WAL sequence number the server has applied (queries see it; durable at its next checkpoint).",
+            |m| &m.ship.applied_seq,
         ),
     ];
     per_shard_all(out, "gauge", &gauges, shards);

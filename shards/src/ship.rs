@@ -1,10 +1,12 @@
 //! The shipper: one task per shard that reads durable records from the shard's WAL,
 //! sends them to the server as rkyv batches (`promgate_proto::ship`), and truncates the
-//! WAL only up to what the server acknowledged as stored.
+//! WAL only up to what the server acknowledged as durable.
 //!
 //! - **Resume.** Every connection starts with HELLO; the server's WELCOME names the
 //!   highest sequence number it has applied for this (agent, shard), and shipping resumes
-//!   just after it. So a restart of either side, or a lost acknowledgement, resends only
+//!   just after it. The WAL is deleted only up to the server's *durable* sequence number
+//!   (its last checkpoint; acks carry it, and an idle shipper asks with SYNC), since a
+//!   crash of the server rolls it back there. So a restart of either side, or a lost acknowledgement, resends only
 //!   what the server does not have, and the server skips any batch it already applied.
 //! - **Stop-and-wait with adaptive batches.** One batch is in flight; everything that
 //!   became durable meanwhile goes into the next one (up to `batch_samples_max`), so
@@ -80,6 +82,9 @@ impl Default for ShipConfig {
         }
     }
 }
+
+/// How often an idle shipper asks the server whether its applied records are durable.
+const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Samples (plus histograms, exemplars) added to a batch between two chances for the
 /// shard's other tasks to run.
@@ -640,19 +645,25 @@ impl<S: Storage> Shipper<S> {
         );
         s.write_all(&out).await?;
         let kind = read_frame(&mut s, &mut body).await?;
-        let applied = match kind {
-            ship::KIND_WELCOME => ship::access::<ArchivedWelcome>(&body)
-                .map_err(|e| Ended::Protocol(e.to_string()))?
-                .applied_seq
-                .to_native(),
+        let (applied, durable) = match kind {
+            ship::KIND_WELCOME => {
+                let w = ship::access::<ArchivedWelcome>(&body)
+                    .map_err(|e| Ended::Protocol(e.to_string()))?;
+                (w.applied_seq.to_native(), w.durable_seq.to_native())
+            }
             k => return Err(unexpected(k, &body)),
         };
         tracing::info!(
             shard = self.shard,
             applied_seq = applied,
+            durable_seq = durable,
             "connected to the server"
         );
-        self.acked(applied);
+        // The WAL is deleted only up to what the server made durable; the rest stays
+        // until its checkpoint (a crash of the server rolls back to the last one).
+        let mut durable = durable.min(applied);
+        self.m().applied_seq.store(applied, Relaxed);
+        self.acked(durable);
         let mut next = applied + 1;
         let mut builder = BatchBuilder::new(
             &self.config.agent_id,
@@ -661,9 +672,28 @@ impl<S: Storage> Shipper<S> {
             self.prepared.hasher(),
         );
         loop {
-            // Wait for durable records at or after `next`.
+            // Wait for durable records at or after `next`. Meanwhile, if the server has
+            // applied records it has not made durable yet, ask now and then how far it
+            // got, so an idle agent's WAL is deleted too.
             while self.wal.durable_seq() < next {
-                self.wal.wait_commit().await;
+                if durable + 1 >= next {
+                    self.wal.wait_commit().await;
+                    continue;
+                }
+                let committed = futures_lite::future::or(
+                    async {
+                        self.wal.wait_commit().await;
+                        true
+                    },
+                    async {
+                        glommio::timer::sleep(SYNC_INTERVAL).await;
+                        false
+                    },
+                )
+                .await;
+                if !committed {
+                    durable = self.sync(&mut s, &mut out, &mut body, next - 1).await?;
+                }
             }
             builder.reset();
             let mut records = 0u64;
@@ -729,10 +759,9 @@ impl<S: Storage> Shipper<S> {
             if kind != ship::KIND_ACK {
                 return Err(unexpected(kind, &body));
             }
-            let seq = ship::access::<ArchivedAck>(&body)
-                .map_err(|e| Ended::Protocol(e.to_string()))?
-                .seq
-                .to_native();
+            let ack =
+                ship::access::<ArchivedAck>(&body).map_err(|e| Ended::Protocol(e.to_string()))?;
+            let (seq, durable_seq) = (ack.seq.to_native(), ack.durable_seq.to_native());
             if seq != builder.batch.last_seq {
                 return Err(Ended::Protocol(format!(
                     "server acknowledged {seq}, expected {}",
@@ -752,10 +781,40 @@ impl<S: Storage> Shipper<S> {
             m.series_sent
                 .fetch_add(builder.batch.new_series.len() as u64, Relaxed);
             m.bytes.fetch_add(out.len() as u64, Relaxed);
-            self.acked(seq);
+            durable = durable_seq.min(seq);
+            self.m().applied_seq.store(seq, Relaxed);
+            self.acked(durable);
             next = seq + 1;
             *backoff = self.config.backoff_min;
         }
+    }
+
+    /// Asks the server how far the records it applied (up to `applied`) are durable,
+    /// and deletes the WAL up to there. Returns the durable sequence number.
+    async fn sync(
+        &self,
+        s: &mut glommio::net::TcpStream,
+        out: &mut Vec<u8>,
+        body: &mut AlignedVec<16>,
+        applied: u64,
+    ) -> Result<u64, Ended> {
+        out.clear();
+        ship::write_message(ship::KIND_SYNC, &ship::Sync { seq: applied }, false, out);
+        s.write_all(out).await?;
+        let kind = read_frame(s, body).await?;
+        if kind != ship::KIND_ACK {
+            return Err(unexpected(kind, body));
+        }
+        let ack = ship::access::<ArchivedAck>(body).map_err(|e| Ended::Protocol(e.to_string()))?;
+        if ack.seq.to_native() != applied {
+            return Err(Ended::Protocol(format!(
+                "server answered a sync at {applied} with {}",
+                ack.seq
+            )));
+        }
+        let durable = ack.durable_seq.to_native().min(applied);
+        self.acked(durable);
+        Ok(durable)
     }
 
     /// Starts this shipper as a task on the current shard's executor.

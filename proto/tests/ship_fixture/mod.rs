@@ -44,11 +44,17 @@ pub fn hello() -> Hello {
 }
 
 pub fn welcome() -> Welcome {
-    Welcome { applied_seq: 40 }
+    Welcome {
+        applied_seq: 40,
+        durable_seq: 38,
+    }
 }
 
 pub fn ack() -> Ack {
-    Ack { seq: 43 }
+    Ack {
+        seq: 43,
+        durable_seq: 40,
+    }
 }
 
 pub fn ship_error() -> ShipError {
@@ -184,13 +190,13 @@ pub fn goldens() -> Vec<Golden> {
         Golden {
             file: "welcome.bin",
             kind: KIND_WELCOME,
-            about: "server → agent, answer to the hello: `Welcome { applied_seq: 40 }`, plain.",
+            about: "server → agent, answer to the hello: `Welcome { applied_seq: 40, durable_seq: 38 }`, plain.",
             bytes: frame(KIND_WELCOME, &welcome(), false),
         },
         Golden {
             file: "ack.bin",
             kind: KIND_ACK,
-            about: "server → agent, after the batch is durable: `Ack { seq: 43 }`, plain.",
+            about: "server → agent, after the batch is applied: `Ack { seq: 43, durable_seq: 40 }`, plain.",
             bytes: frame(KIND_ACK, &ack(), false),
         },
         Golden {
