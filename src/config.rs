@@ -220,6 +220,7 @@ pub struct WalSection {
     pub retry_after_s: Option<u32>,
     pub retention_bytes: Option<u64>,
     pub retention_age_s: Option<u64>,
+    pub memory_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -569,6 +570,8 @@ impl AgentConfig {
             retry_after_s: file.wal.retry_after_s.unwrap_or(w.retry_after_s),
             retention_bytes: file.wal.retention_bytes.unwrap_or(w.retention_bytes),
             retention_age_s: file.wal.retention_age_s.unwrap_or(w.retention_age_s),
+            memory_bytes: file.wal.memory_bytes.unwrap_or(w.memory_bytes),
+            replay_window_bytes: w.replay_window_bytes,
         };
         let sd = promgate_shards::ship::ShipConfig::default();
         let server = flags.server.clone().or(file.ship.server.clone());

@@ -71,14 +71,14 @@ impl Default for ShipConfig {
         ShipConfig {
             server: "127.0.0.1:30033".into(),
             agent_id: String::new(),
-            batch_samples_max: 1_000_000,
-            batch_new_series_max: 50_000,
+            batch_samples_max: 250_000,
+            batch_new_series_max: 10_000,
             compress: true,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
             split_target_labels: true,
-            prepared_samples_max: 1_000_000,
+            prepared_samples_max: 250_000,
         }
     }
 }

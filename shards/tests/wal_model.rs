@@ -233,6 +233,7 @@ fn config(fsync: Fsync) -> WalConfig {
         retry_after_s: 0,
         retention_bytes: 0,
         retention_age_s: 0,
+        ..WalConfig::default()
     }
 }
 

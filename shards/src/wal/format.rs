@@ -457,7 +457,7 @@ pub struct Scan {
 
 /// Reads the record at `at` if it is valid and has a sequence number `> after`
 /// (or exactly `exact` when given).
-fn record_at(seg: &[u8], at: usize, after: u64, exact: Option<u64>) -> Option<RecordRef> {
+pub fn record_at(seg: &[u8], at: usize, after: u64, exact: Option<u64>) -> Option<RecordRef> {
     let prefix = seg.get(at..at + RECORD_PREFIX_BYTES + RECORD_META_BYTES)?;
     let len = u32::from_le_bytes(le4(&prefix[0..4])) as usize;
     if !(RECORD_META_BYTES..=RECORD_BYTES_MAX).contains(&len) {

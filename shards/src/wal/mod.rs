@@ -91,6 +91,12 @@ pub struct WalConfig {
     pub retention_bytes: u64,
     /// 0 = off. Deletes sealed segments older than this (unshipped data).
     pub retention_age_s: u64,
+    /// Bytes of the newest committed records kept in memory for the shipper, which
+    /// reads older ones from the segment files.
+    pub memory_bytes: usize,
+    /// Bytes read from a segment file at a time when replaying from disk (at least one
+    /// whole record). Not in the configuration file; tests make it small.
+    pub replay_window_bytes: usize,
 }
 
 impl Default for WalConfig {
@@ -104,6 +110,8 @@ impl Default for WalConfig {
             retry_after_s: 5,
             retention_bytes: 0,
             retention_age_s: 0,
+            memory_bytes: 8 << 20,
+            replay_window_bytes: 4 << 20,
         }
     }
 }
@@ -223,10 +231,12 @@ pub struct Wal<S: Storage> {
     /// was just written from memory instead of from the segment file.
     recent: RefCell<VecDeque<(u64, std::rc::Rc<Vec<u8>>)>>,
     recent_bytes: Cell<usize>,
+    /// Where the last replay from a segment file stopped: (segment, next seq, offset),
+    /// so the next one starts there instead of at the segment's start.
+    replay_pos: Cell<Option<(u64, u64, usize)>>,
+    /// Replays that had to read a whole segment and scan it (records not in sequence).
+    whole_segment_reads: Cell<u64>,
 }
-
-/// Bytes of committed records kept in memory for the shipper.
-const RECENT_BYTES_MAX: usize = 32 << 20;
 
 /// Polling step while the committer gathers records in `batch` mode.
 const GATHER_STEP_US: u64 = 200;
@@ -370,6 +380,8 @@ impl<S: Storage> Wal<S> {
             committed: Notify::default(),
             recent: RefCell::new(VecDeque::new()),
             recent_bytes: Cell::new(0),
+            replay_pos: Cell::new(None),
+            whole_segment_reads: Cell::new(0),
         };
         Ok((wal, rec))
     }
@@ -754,12 +766,12 @@ impl<S: Storage> Wal<S> {
     }
 
     /// Keeps a copy of a committed buffer for [`Wal::replay`], dropping the oldest ones
-    /// beyond [`RECENT_BYTES_MAX`].
+    /// beyond `memory_bytes`.
     fn remember(&self, first_seq: u64, buf: &[u8]) {
         let mut recent = self.recent.borrow_mut();
         recent.push_back((first_seq, std::rc::Rc::new(buf.to_vec())));
         let mut bytes = self.recent_bytes.get() + buf.len();
-        while bytes > RECENT_BYTES_MAX && recent.len() > 1 {
+        while bytes > self.config.memory_bytes && recent.len() > 1 {
             let (_, b) = recent.pop_front().expect("more than one");
             bytes -= b.len();
         }
@@ -822,20 +834,103 @@ impl<S: Storage> Wal<S> {
             if last < from_seq || last < first {
                 continue;
             }
-            let data = self.storage.read(first)?;
-            let scan = format::scan(&data)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-            for r in scan
-                .records
-                .iter()
-                .filter(|r| r.seq >= from_seq && r.seq <= durable)
-            {
-                if !visit(r.seq, r.kind, r.format, &data[r.payload.0..r.payload.1]) {
-                    return Ok(());
-                }
+            if !self.replay_segment(first, from_seq, last.min(durable), &mut visit)? {
+                return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// Visits the records `from_seq..=last` of one segment file, reading it a window at
+    /// a time (memory stays bounded however large segments are) and starting where the
+    /// previous replay of this segment stopped when that is not past `from_seq`. Returns
+    /// `false` when `visit` asked to stop. A segment whose records do not follow each
+    /// other (corruption found at recovery) is read whole and scanned instead.
+    fn replay_segment(
+        &self,
+        first: u64,
+        from_seq: u64,
+        last: u64,
+        visit: &mut impl FnMut(u64, u8, u8, &[u8]) -> bool,
+    ) -> std::io::Result<bool> {
+        let (mut at, mut next) = match self.replay_pos.get() {
+            Some((seg, seq, off)) if seg == first && seq <= from_seq => (off, seq),
+            _ => (format::HEADER_BYTES, first),
+        };
+        let mut window = Vec::new();
+        let mut window_at = 0usize;
+        while next <= last {
+            let local = at.wrapping_sub(window_at);
+            let mut r = (at >= window_at)
+                .then(|| format::record_at(&window, local, 0, Some(next)))
+                .flatten();
+            if r.is_none() {
+                // Not (wholly) in the window: read from the record on, then once more
+                // if its length prefix says it is longer than what was read.
+                let mut len = self.config.replay_window_bytes;
+                for _ in 0..2 {
+                    self.storage.read_at(first, at as u64, len, &mut window)?;
+                    window_at = at;
+                    r = format::record_at(&window, 0, 0, Some(next));
+                    let need = window.get(0..4).map_or(0, |b| {
+                        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
+                            + format::RECORD_PREFIX_BYTES
+                    });
+                    if r.is_some() || need <= window.len() || need > format::RECORD_BYTES_MAX {
+                        break;
+                    }
+                    len = need;
+                }
+            }
+            let Some(r) = r else {
+                return self.replay_scanned(first, from_seq.max(next), last, visit);
+            };
+            // Not `r.end`: that stops at the window's end when the record's padding
+            // runs past it.
+            let start =
+                window_at + r.payload.0 - format::RECORD_PREFIX_BYTES - format::RECORD_META_BYTES;
+            at = start + format::record_disk_bytes(r.payload.1 - r.payload.0);
+            next = r.seq + 1;
+            if r.seq >= from_seq
+                && !visit(r.seq, r.kind, r.format, &window[r.payload.0..r.payload.1])
+            {
+                self.replay_pos.set(Some((first, next, at)));
+                return Ok(false);
+            }
+        }
+        self.replay_pos.set(Some((first, next, at)));
+        Ok(true)
+    }
+
+    /// [`Wal::replay_segment`] for a segment with gaps: read whole, scanned.
+    fn replay_scanned(
+        &self,
+        first: u64,
+        from_seq: u64,
+        last: u64,
+        visit: &mut impl FnMut(u64, u8, u8, &[u8]) -> bool,
+    ) -> std::io::Result<bool> {
+        self.whole_segment_reads
+            .set(self.whole_segment_reads.get() + 1);
+        let data = self.storage.read(first)?;
+        let scan = format::scan(&data)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        for r in scan
+            .records
+            .iter()
+            .filter(|r| r.seq >= from_seq && r.seq <= last)
+        {
+            if !visit(r.seq, r.kind, r.format, &data[r.payload.0..r.payload.1]) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Replays so far that read a whole segment file because its records did not follow
+    /// each other (corruption); healthy segments are read a window at a time.
+    pub fn whole_segment_reads(&self) -> u64 {
+        self.whole_segment_reads.get()
     }
 
     /// Writes out anything pending and closes the open segment (clean shutdown, tests).

@@ -14,6 +14,20 @@ pub trait Storage {
     /// First sequence numbers of the existing segments, ascending.
     fn list(&self) -> io::Result<Vec<u64>>;
     fn read(&self, first_seq: u64) -> io::Result<Vec<u8>>;
+    /// Up to `len` bytes of a segment from `offset` into `buf` (fewer at its end).
+    fn read_at(
+        &self,
+        first_seq: u64,
+        offset: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let data = self.read(first_seq)?;
+        let start = (offset as usize).min(data.len());
+        buf.clear();
+        buf.extend_from_slice(&data[start..(start + len).min(data.len())]);
+        Ok(())
+    }
     /// Cuts a segment to `len` bytes, durably.
     fn truncate(&self, first_seq: u64, len: u64) -> io::Result<()>;
     fn remove(&self, first_seq: u64) -> io::Result<()>;
@@ -122,6 +136,30 @@ impl Storage for DmaStorage {
     fn read(&self, first_seq: u64) -> io::Result<Vec<u8>> {
         // Start-up and inspection only: a plain blocking read is simplest.
         std::fs::read(self.path(first_seq))
+    }
+
+    fn read_at(
+        &self,
+        first_seq: u64,
+        offset: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        // The shipper behind the memory tail, a window at a time: a short blocking read
+        // is simpler than a DMA read's alignment rules, and bounded (`replay_window_bytes`).
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(self.path(first_seq))?;
+        buf.clear();
+        buf.resize(len, 0);
+        let mut got = 0;
+        while got < len {
+            match f.read_at(&mut buf[got..], offset + got as u64)? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        buf.truncate(got);
+        Ok(())
     }
 
     fn truncate(&self, first_seq: u64, len: u64) -> io::Result<()> {
