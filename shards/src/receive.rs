@@ -76,6 +76,36 @@ pub struct ShardContext<S> {
     open: Cell<usize>,
     /// The header names of `config.header_tags`, for the head parser.
     header_names: Vec<String>,
+    /// Decompression and decode buffers, shared by the shard's connections: a request
+    /// is decoded and handed to the sink without a suspension point in between, so
+    /// one set per shard serves them all (memory does not grow with connections).
+    scratch: std::cell::RefCell<Scratch>,
+}
+
+/// What [`Conn::take`] did with a request body.
+struct Taken {
+    /// `None`: nothing valid to write.
+    ticket: Option<Result<u64, crate::sink::SinkError>>,
+    counts: promgate_proto::batch::Counts,
+    /// Some series were refused.
+    partial: Option<Partial>,
+}
+
+struct Partial {
+    series: u32,
+    samples: u32,
+    histograms: u32,
+    exemplars: u32,
+    first: String,
+    reasons: RejectCounts,
+}
+
+#[derive(Default)]
+struct Scratch {
+    decoded: Vec<u8>,
+    batch: Batch,
+    snappy: snap::raw::Decoder,
+    reasons: RejectCounts,
 }
 
 impl<S> ShardContext<S> {
@@ -94,6 +124,7 @@ impl<S> ShardContext<S> {
             ready,
             sink,
             open: Cell::new(0),
+            scratch: Default::default(),
         }
     }
 
@@ -198,11 +229,7 @@ struct Conn<S> {
     input: Vec<u8>,
     filled: usize,
     chunked_body: Vec<u8>,
-    decoded: Vec<u8>,
     out: Vec<u8>,
-    batch: Batch,
-    snappy: snap::raw::Decoder,
-    reasons: RejectCounts,
 }
 
 /// First size of a connection's input buffer; it grows to the largest request seen.
@@ -216,11 +243,7 @@ impl<S: Sink> Conn<S> {
             input: vec![0; INPUT_BYTES_INITIAL],
             filled: 0,
             chunked_body: Vec::new(),
-            decoded: Vec::new(),
             out: Vec::new(),
-            batch: Batch::default(),
-            snappy: snap::raw::Decoder::new(),
-            reasons: RejectCounts::default(),
         }
     }
 
@@ -433,63 +456,19 @@ impl<S: Sink> Conn<S> {
         started: Instant,
         header_tags: &[(String, String)],
     ) -> Answer {
+        let taken = self.take(protocol, consumed, body, started, header_tags);
+        self.finish_body(consumed);
+        let taken = match taken {
+            Ok(t) => t,
+            Err(refused) => return refused,
+        };
         let ctx = self.ctx.clone();
         let metrics = ctx.metrics();
-        let cfg = &ctx.config;
-        let compressed: &[u8] = if consumed == 0 {
-            &self.chunked_body[body.clone()]
-        } else {
-            &self.input[body.clone()]
+        let written = match taken.ticket {
+            Some(Ok(ticket)) => ctx.sink.settled(ticket).await,
+            Some(Err(e)) => Err(e),
+            None => Ok(()),
         };
-        let decoded_len = match remote_write::decompress(
-            compressed,
-            cfg.decoded_bytes_max,
-            &mut self.snappy,
-            &mut self.decoded,
-        ) {
-            Ok(n) => n,
-            Err(e) => {
-                self.finish_body(consumed);
-                return self.refused(&e, Some(protocol));
-            }
-        };
-        let raw = &self.decoded[..decoded_len];
-        let result = decode(
-            protocol,
-            raw,
-            &cfg.limits,
-            &mut self.batch,
-            &mut self.reasons,
-        );
-        metrics.decode_time(started.elapsed().as_nanos() as u64);
-        metrics.decode_bytes.fetch_add(decoded_len as u64, Relaxed);
-        if let Err(e) = result {
-            // Series counted before the body turned out corrupt were not refused on
-            // their own account: that tally must not reach the metrics.
-            self.reasons = RejectCounts::default();
-            self.finish_body(consumed);
-            return self.refused(&RequestError::Decode(e), Some(protocol));
-        }
-        let counts = self.batch.counts();
-        let tag_refs: Vec<(&str, &str)> = header_tags
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        let written = if self.batch.is_empty() {
-            Ok(())
-        } else {
-            let accepted = Accepted {
-                protocol,
-                compressed,
-                decoded: Decoded {
-                    batch: &self.batch,
-                    body: raw,
-                },
-                header_tags: &tag_refs,
-            };
-            ctx.sink.write(accepted).await
-        };
-        self.finish_body(consumed);
         if let Err(e) = written {
             metrics.request_reject("sink_unavailable");
             let mut a = Answer::new(503, e.to_string());
@@ -497,6 +476,7 @@ impl<S: Sink> Conn<S> {
             a.written = (protocol == Protocol::V2).then_some((0, 0, 0));
             return a;
         }
+        let counts = taken.counts;
         metrics.series.fetch_add(counts.series, Relaxed);
         metrics.samples.fetch_add(counts.samples, Relaxed);
         metrics.histograms.fetch_add(counts.histograms, Relaxed);
@@ -507,17 +487,15 @@ impl<S: Sink> Conn<S> {
             counts.histograms,
             counts.exemplars,
         ));
-        let rj = &self.batch.rejected;
-        if rj.series == 0 {
+        let Some(rj) = taken.partial else {
             let mut a = Answer::new(204, "");
             a.written = written;
             return a;
-        }
+        };
         // Record reasons only when something was refused (batch-level telemetry).
-        for (i, n) in self.reasons.0.iter_mut().enumerate() {
+        for (i, n) in rj.reasons.0.iter().enumerate() {
             if *n > 0 {
                 metrics.series_rejects[i].fetch_add(u64::from(*n), Relaxed);
-                *n = 0;
             }
         }
         metrics.request_reject("partial");
@@ -526,15 +504,82 @@ impl<S: Sink> Conn<S> {
             400,
             format!(
                 "{} of {total} series rejected ({} samples, {} histograms, {} exemplars not written); first: {}",
-                rj.series,
-                rj.samples,
-                rj.histograms,
-                rj.exemplars,
-                rj.first.as_deref().unwrap_or("?")
+                rj.series, rj.samples, rj.histograms, rj.exemplars, rj.first
             ),
         );
         a.written = written;
         a
+    }
+
+    /// Decompresses and decodes the body into the shard's scratch buffers and hands
+    /// what is valid to the sink, all without a suspension point (the buffers are free
+    /// for the next request when this returns). `Err`: the answer for a body that is
+    /// refused whole.
+    fn take(
+        &self,
+        protocol: Protocol,
+        consumed: usize,
+        body: std::ops::Range<usize>,
+        started: Instant,
+        header_tags: &[(String, String)],
+    ) -> Result<Taken, Answer> {
+        let ctx = &self.ctx;
+        let metrics = ctx.metrics();
+        let cfg = &ctx.config;
+        let compressed: &[u8] = if consumed == 0 {
+            &self.chunked_body[body]
+        } else {
+            &self.input[body]
+        };
+        let mut scratch = ctx.scratch.borrow_mut();
+        let sc = &mut *scratch;
+        let decoded_len = remote_write::decompress(
+            compressed,
+            cfg.decoded_bytes_max,
+            &mut sc.snappy,
+            &mut sc.decoded,
+        )
+        .map_err(|e| self.refused(&e, Some(protocol)))?;
+        let raw = &sc.decoded[..decoded_len];
+        let result = decode(protocol, raw, &cfg.limits, &mut sc.batch, &mut sc.reasons);
+        metrics.decode_time(started.elapsed().as_nanos() as u64);
+        metrics.decode_bytes.fetch_add(decoded_len as u64, Relaxed);
+        // The reasons go with this request only (and reach the metrics only if it is
+        // answered); the scratch starts the next one from zero.
+        let reasons = std::mem::take(&mut sc.reasons);
+        if let Err(e) = result {
+            return Err(self.refused(&RequestError::Decode(e), Some(protocol)));
+        }
+        let counts = sc.batch.counts();
+        let tag_refs: Vec<(&str, &str)> = header_tags
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let ticket = (!sc.batch.is_empty()).then(|| {
+            ctx.sink.accept(Accepted {
+                protocol,
+                compressed,
+                decoded: Decoded {
+                    batch: &sc.batch,
+                    body: raw,
+                },
+                header_tags: &tag_refs,
+            })
+        });
+        let rj = &sc.batch.rejected;
+        let partial = (rj.series > 0).then(|| Partial {
+            series: rj.series,
+            samples: rj.samples,
+            histograms: rj.histograms,
+            exemplars: rj.exemplars,
+            first: rj.first.clone().unwrap_or_else(|| "?".into()),
+            reasons,
+        });
+        Ok(Taken {
+            ticket,
+            counts,
+            partial,
+        })
     }
 
     fn refused(&self, e: &RequestError, protocol: Option<Protocol>) -> Answer {

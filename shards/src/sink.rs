@@ -1,6 +1,6 @@
 //! sink: where an accepted request goes before it is answered.
 //!
-//! The receive path answers 2xx only after [`Sink::write`] resolves `Ok`, so the sink
+//! The receive path answers 2xx only after [`Sink::settled`] resolves `Ok`, so the sink
 //! decides what an acknowledgement means. [`WalSink`] (the agent's) resolves once the
 //! request is durable in the shard's write-ahead log.
 
@@ -81,8 +81,16 @@ pub struct Accepted<'a> {
 }
 
 /// One per shard; never shared across threads.
+///
+/// Two steps, so the receive path can decode every request of a shard into one set of
+/// buffers: [`Sink::accept`] takes what it needs from the request at once (the
+/// caller's buffers are free again when it returns), and [`Sink::settled`] resolves
+/// when the request may be acknowledged.
 pub trait Sink {
-    fn write(&self, request: Accepted<'_>) -> impl Future<Output = Result<(), SinkError>>;
+    /// Takes the request; returns the ticket to wait on.
+    fn accept(&self, request: Accepted<'_>) -> Result<u64, SinkError>;
+    /// Resolves once the request of `ticket` is acknowledged (durable).
+    fn settled(&self, ticket: u64) -> impl Future<Output = Result<(), SinkError>>;
 }
 
 /// Makes each request durable in the shard's WAL before it is acknowledged, with its
@@ -129,7 +137,9 @@ pub fn request_payload(
 }
 
 impl<S: Storage> Sink for WalSink<S> {
-    async fn write(&self, request: Accepted<'_>) -> Result<(), SinkError> {
+    /// The WAL record (request, enrichment) is queued for the next group commit and the
+    /// ship-ready copy made; the ticket is the record's sequence number.
+    fn accept(&self, request: Accepted<'_>) -> Result<u64, SinkError> {
         let metrics = &self.metrics[self.shard].enrich;
         let seq = self
             .wal
@@ -139,8 +149,12 @@ impl<S: Storage> Sink for WalSink<S> {
         if let Some(p) = &self.prepared {
             p.insert(seq, &request.decoded);
         }
+        Ok(seq)
+    }
+
+    async fn settled(&self, ticket: u64) -> Result<(), SinkError> {
         self.wal
-            .durable(seq)
+            .durable(ticket)
             .await
             .map(drop)
             .map_err(SinkError::from)
