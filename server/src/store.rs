@@ -707,6 +707,9 @@ impl Store {
         }
         let mut key = Vec::new();
         let mut tag_key = Vec::new();
+        // New postings are inserted at the end, sorted: B-tree inserts in key order
+        // touch each leaf once instead of jumping across the table per series.
+        let mut new_postings: Vec<Vec<u8>> = Vec::new();
         for s in b.new_series.iter() {
             let tr = s.target_ref.to_native();
             let (target, tags) = refs.targets.get(&tr).ok_or_else(|| {
@@ -741,7 +744,7 @@ impl Store {
                     for (n, v) in &labels {
                         let mut p = postings_pair_prefix(n, v);
                         p.extend_from_slice(&sid.to_be_bytes());
-                        postings.insert(p.as_slice(), ()).map_err(storage)?;
+                        new_postings.push(p);
                     }
                     self.metrics.series_created.fetch_add(1, Relaxed);
                     sid
@@ -763,13 +766,15 @@ impl Store {
                         .map_err(storage)?;
                 }
                 for (n, v) in decode_labels(&tag_key) {
-                    postings
-                        .insert(tag_posting(&n, &v).as_slice(), ())
-                        .map_err(storage)?;
+                    new_postings.push(tag_posting(&n, &v));
                 }
                 tags_t.insert(sid, tag_key.as_slice()).map_err(storage)?;
             }
             refs.series.insert(s.series_ref.to_native(), sid);
+        }
+        new_postings.sort_unstable();
+        for p in &new_postings {
+            postings.insert(p.as_slice(), ()).map_err(storage)?;
         }
         Ok(())
     }

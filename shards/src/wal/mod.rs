@@ -110,7 +110,7 @@ impl Default for WalConfig {
             retry_after_s: 5,
             retention_bytes: 0,
             retention_age_s: 0,
-            memory_bytes: 8 << 20,
+            memory_bytes: 4 << 20,
             replay_window_bytes: 4 << 20,
         }
     }
