@@ -292,10 +292,40 @@ fn agent_id(data_dir: &Path) -> anyhow::Result<String> {
 fn run_server(flags: &ServerFlags) -> anyhow::Result<()> {
     let (config, level) = config::resolve_server(flags)?;
     init_logging(&level);
-    promgate_server::start(config)?;
-    loop {
-        std::thread::park();
+    // SIGTERM and SIGINT are blocked before any thread starts (threads inherit the
+    // mask) and taken here, so a stop ends with a checkpoint: the agents then resend
+    // nothing after a restart. A crash instead rolls back to the last checkpoint and
+    // the agents resend the rest from their WALs.
+    let stop = termination_signals();
+    let server = promgate_server::start(config)?;
+    let signal = wait_for(&stop);
+    tracing::info!(signal, "stopping: final checkpoint");
+    server
+        .store
+        .checkpoint()
+        .map_err(|e| anyhow::anyhow!("final checkpoint failed: {e}"))?;
+    Ok(())
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and every thread it starts later).
+fn termination_signals() -> libc::sigset_t {
+    // SAFETY: plain libc calls on a zeroed, then initialised, signal set owned here.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
     }
+}
+
+/// Waits for one of the blocked signals of `set`; returns its number.
+fn wait_for(set: &libc::sigset_t) -> i32 {
+    let mut signal = 0;
+    // SAFETY: `set` is an initialised signal set whose signals this thread blocks.
+    while unsafe { libc::sigwait(set, &mut signal) } != 0 {}
+    signal
 }
 
 /// A WAL directory of a shard that no longer runs still holds records; say so.

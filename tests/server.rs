@@ -671,3 +671,82 @@ fn request_headers_become_tags_within_their_length_limit() {
         );
     }
 }
+
+/// Batches are durable at checkpoints; a stopped server (SIGTERM) makes a last one, so
+/// after a restart it still has everything it acknowledged and says so (`durable_seq`).
+#[test]
+fn a_stopped_server_checkpoints_what_it_applied() {
+    use std::io::Write;
+    let dir = temp_dir("server-stop-checkpoint");
+    let config = dir.join("server.toml");
+    // No checkpoint on its own during the test: only the one at the stop.
+    std::fs::write(&config, "[server]\ncheckpoint_interval = \"1h\"\n").unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let (ship_port, qport) = (free_port(), free_port());
+    let data = dir.join("data");
+    let welcome = |s: &mut std::net::TcpStream| {
+        let mut out = Vec::new();
+        let hello = ship::Hello {
+            agent: "t".into(),
+            shard: 0,
+        };
+        ship::write_message(ship::KIND_HELLO, &hello, false, &mut out);
+        s.write_all(&out).unwrap();
+        let (k, w) = read_frame(s);
+        assert_eq!(k, ship::KIND_WELCOME);
+        let w = ship::access::<ship::ArchivedWelcome>(&w).unwrap();
+        (w.applied_seq.to_native(), w.durable_seq.to_native())
+    };
+    let mut server = common::Server::start_in(&dir, &data, ship_port, qport, &args);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", ship_port)).unwrap();
+    assert_eq!(welcome(&mut s), (0, 0));
+    let batch = ship::ShipBatch {
+        agent: "t".into(),
+        first_seq: 1,
+        last_seq: 1,
+        new_targets: vec![ship::NewTarget {
+            target_ref: 0,
+            labels: vec![],
+            tags: vec![],
+        }],
+        new_series: vec![ship::NewSeries {
+            series_ref: 0,
+            target_ref: 0,
+            absent: vec![],
+            labels: vec![ship::Label {
+                name: "__name__".into(),
+                value: "x".into(),
+            }],
+        }],
+        sample_refs: vec![0],
+        sample_ts: vec![common::recent_ms()],
+        sample_values: vec![1f64.to_bits()],
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    ship::write_message(ship::KIND_BATCH, &batch, true, &mut out);
+    s.write_all(&out).unwrap();
+    let (k, a) = read_frame(&mut s);
+    assert_eq!(k, ship::KIND_ACK);
+    let a = ship::access::<ship::ArchivedAck>(&a).unwrap();
+    assert_eq!(
+        (a.seq.to_native(), a.durable_seq.to_native()),
+        (1, 0),
+        "applied, not yet durable"
+    );
+    drop(s);
+    // SAFETY: signals a child process this test started.
+    assert_eq!(
+        unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "the server stopped with {status}");
+    let _server = common::Server::start_in(&dir, &data, ship_port, qport, &args);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", ship_port)).unwrap();
+    assert_eq!(
+        welcome(&mut s),
+        (1, 1),
+        "the stop's checkpoint kept batch 1"
+    );
+}
