@@ -425,6 +425,41 @@ fn error_code(s: &mut std::net::TcpStream) -> (u16, String) {
     (e.code.to_native(), e.message.to_string())
 }
 
+/// Agent "t" shard 0, WAL record 1: one sample of series `x` (ref 0, target ref 0),
+/// without the target itself.
+fn one_sample_batch() -> ship::ShipBatch {
+    ship::ShipBatch {
+        agent: "t".into(),
+        first_seq: 1,
+        last_seq: 1,
+        new_series: vec![ship::NewSeries {
+            series_ref: 0,
+            target_ref: 0,
+            absent: vec![],
+            labels: vec![ship::Label {
+                name: "__name__".into(),
+                value: "x".into(),
+            }],
+        }],
+        sample_refs: vec![0],
+        sample_ts: vec![common::recent_ms()],
+        sample_values: vec![1f64.to_bits()],
+        ..Default::default()
+    }
+}
+
+/// `batch` with target ref 0 (no labels, no tags) sent along.
+fn with_target(batch: ship::ShipBatch) -> ship::ShipBatch {
+    ship::ShipBatch {
+        new_targets: vec![ship::NewTarget {
+            target_ref: 0,
+            labels: vec![],
+            tags: vec![],
+        }],
+        ..batch
+    }
+}
+
 #[test]
 fn the_server_answers_bad_frames_with_error_frames_and_keeps_serving() {
     use std::io::Write;
@@ -454,24 +489,7 @@ fn the_server_answers_bad_frames_with_error_frames_and_keeps_serving() {
     assert_eq!(code, ship::code::UNSUPPORTED_VERSION, "{msg}");
 
     // A batch before HELLO.
-    let batch = ship::ShipBatch {
-        agent: "t".into(),
-        first_seq: 1,
-        last_seq: 1,
-        new_series: vec![ship::NewSeries {
-            series_ref: 0,
-            target_ref: 0,
-            absent: vec![],
-            labels: vec![ship::Label {
-                name: "__name__".into(),
-                value: "x".into(),
-            }],
-        }],
-        sample_refs: vec![0],
-        sample_ts: vec![common::recent_ms()],
-        sample_values: vec![1f64.to_bits()],
-        ..Default::default()
-    };
+    let batch = one_sample_batch();
     let mut out = Vec::new();
     ship::write_message(ship::KIND_BATCH, &batch, true, &mut out);
     let mut s = connect();
@@ -513,12 +531,7 @@ fn the_server_answers_bad_frames_with_error_frames_and_keeps_serving() {
     assert!(msg.contains("unknown target ref 0"), "{msg}");
 
     // And a good conversation still works: WELCOME at 0, ACK, then WELCOME at 1.
-    let mut batch = batch;
-    batch.new_targets = vec![ship::NewTarget {
-        target_ref: 0,
-        labels: vec![],
-        tags: vec![],
-    }];
+    let batch = with_target(batch);
     let mut out = Vec::new();
     hello(&mut out);
     ship::write_message(ship::KIND_BATCH, &batch, true, &mut out);
@@ -700,29 +713,7 @@ fn a_stopped_server_checkpoints_what_it_applied() {
     let mut server = common::Server::start_in(&dir, &data, ship_port, qport, &args);
     let mut s = std::net::TcpStream::connect(("127.0.0.1", ship_port)).unwrap();
     assert_eq!(welcome(&mut s), (0, 0));
-    let batch = ship::ShipBatch {
-        agent: "t".into(),
-        first_seq: 1,
-        last_seq: 1,
-        new_targets: vec![ship::NewTarget {
-            target_ref: 0,
-            labels: vec![],
-            tags: vec![],
-        }],
-        new_series: vec![ship::NewSeries {
-            series_ref: 0,
-            target_ref: 0,
-            absent: vec![],
-            labels: vec![ship::Label {
-                name: "__name__".into(),
-                value: "x".into(),
-            }],
-        }],
-        sample_refs: vec![0],
-        sample_ts: vec![common::recent_ms()],
-        sample_values: vec![1f64.to_bits()],
-        ..Default::default()
-    };
+    let batch = with_target(one_sample_batch());
     let mut out = Vec::new();
     ship::write_message(ship::KIND_BATCH, &batch, true, &mut out);
     s.write_all(&out).unwrap();

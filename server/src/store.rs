@@ -520,8 +520,10 @@ impl Store {
     /// (agent, shard)'s sequence numbers say where its batches resume.
     pub fn hello(&self, agent: &str, shard: u32, refs: &mut ConnRefs) -> Ledger {
         let mut head = self.head.lock().expect("not poisoned");
-        if head.stale && self.reload(&mut head).is_err() {
-            // Keep the stale epoch: the first batch tries again and reports the error.
+        if head.stale {
+            // On failure the epoch stays stale: the first batch tries again and
+            // reports the error.
+            let _ = self.reload(&mut head);
         }
         refs.clear();
         refs.epoch = Some(head.epoch);
