@@ -11,10 +11,10 @@
 //!
 //! ```text
 //! table        key                                  value
-//! series       labels (canonical encoding, below)   series id u64 (ids start at 1)
+//! series_v2    (h128(labels), series id u64)        ()          ids start at 1
 //! labels       series id u64                        labels (canonical encoding)
-//! postings     lp(name) lp(value) sid(u64 BE)       ()          one per label pair per series,
-//!                                                               and one per tag as lp("\0"+tag)
+//! postings_v2  lp(name) lp(value) first sid(u64 BE) block: ascending sids, u64 LE each;
+//!                                                   label pairs, and tags as lp("\0"+tag)
 //! tags         series id u64                        tags (canonical encoding): meta, agent, custom
 //! chunks       (partition i64, sid u64, min_t i64)  max_t i64 LE | XOR chunk bytes   (sealed)
 //! head         sid u64                              partition i64 LE | min_t i64 LE | XOR chunk
@@ -25,6 +25,18 @@
 //! meta         "next_sid"                           u64
 //!
 //! canonical labels := (lp(name) lp(value))*   sorted by name;  lp(s) := u32 BE length | bytes
+//! h128(labels)     := SipHash-1-3-128 of the canonical labels, fixed keys
+//!
+//! The series index is keyed by the labels' hash: small keys keep the B-tree small, so
+//! a batch of new series rewrites fewer pages. A hash hit is confirmed against `labels`,
+//! so a collision costs a lookup, never a merge of two series. The first format
+//! (`series`, keyed by the labels themselves) is converted at open.
+//!
+//! A label pair's postings are the union of its blocks. A batch writes one block per
+//! pair it touches, keyed by the block's smallest sid, so interning 10k new series costs
+//! one B-tree insert per distinct pair instead of one per pair per series. Blocks of a
+//! pair may overlap only after a series' tags change (rare); readers merge them. The
+//! first format (`postings`, one key per pair per series) is converted at open.
 //! partition        := floor(t / PARTITION_MS), PARTITION_MS = 2 h
 //! ```
 //!
@@ -84,9 +96,13 @@ pub const PARTITION_MS: i64 = 2 * 3600 * 1000;
 /// redb's page cache unless configured (`server.cache_bytes`).
 pub const CACHE_BYTES_DEFAULT: usize = 256 << 20;
 
-const SERIES: TableDefinition<&[u8], u64> = TableDefinition::new("series");
+const SERIES: TableDefinition<(u128, u64), ()> = TableDefinition::new("series_v2");
+/// The first series index format (labels → sid), converted at open.
+const SERIES_V1: TableDefinition<&[u8], u64> = TableDefinition::new("series");
 const LABELS: TableDefinition<u64, &[u8]> = TableDefinition::new("labels");
-const POSTINGS: TableDefinition<&[u8], ()> = TableDefinition::new("postings");
+const POSTINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("postings_v2");
+/// The first postings format (one key per pair and series), converted at open.
+const POSTINGS_V1: TableDefinition<&[u8], ()> = TableDefinition::new("postings");
 const CHUNKS: TableDefinition<(i64, u64, i64), &[u8]> = TableDefinition::new("chunks");
 const HEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("head");
 const HISTOGRAMS: TableDefinition<(i64, u64, i64), &[u8]> = TableDefinition::new("histograms");
@@ -163,6 +179,108 @@ pub fn postings_pair_prefix(name: &str, value: &str) -> Vec<u8> {
     let mut k = postings_name_prefix(name);
     put_lp(&mut k, value.as_bytes());
     k
+}
+
+/// The key of a postings block: the pair's prefix, then the block's first sid.
+fn block_key(prefix: &[u8], first: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 8);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(&first.to_be_bytes());
+    k
+}
+
+fn block_sids(block: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    block
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
+}
+
+/// Writes a block of ascending `sids` under `prefix`; a block already under that key
+/// (the same first sid) is merged in.
+fn put_block(
+    postings: &mut redb::Table<&[u8], &[u8]>,
+    prefix: &[u8],
+    sids: &[u64],
+    value: &mut Vec<u8>,
+) -> Result<(), ApplyError> {
+    let Some(&first) = sids.first() else {
+        return Ok(());
+    };
+    value.clear();
+    value.extend(sids.iter().flat_map(|s| s.to_le_bytes()));
+    let key = block_key(prefix, first);
+    let old = postings
+        .insert(key.as_slice(), value.as_slice())
+        .map_err(storage)?
+        .map(|g| g.value().to_vec());
+    if let Some(old) = old {
+        let mut merged: Vec<u64> = block_sids(&old).chain(sids.iter().copied()).collect();
+        merged.sort_unstable();
+        merged.dedup();
+        value.clear();
+        value.extend(merged.iter().flat_map(|s| s.to_le_bytes()));
+        postings
+            .insert(key.as_slice(), value.as_slice())
+            .map_err(storage)?;
+    }
+    Ok(())
+}
+
+/// Writes `(pair prefix, sid)` postings as one block per pair.
+fn put_postings(
+    postings: &mut redb::Table<&[u8], &[u8]>,
+    new: &mut [(Vec<u8>, u64)],
+) -> Result<(), ApplyError> {
+    new.sort_unstable();
+    let (mut value, mut sids) = (Vec::new(), Vec::new());
+    for group in new.chunk_by(|a, b| a.0 == b.0) {
+        sids.clear();
+        sids.extend(group.iter().map(|(_, sid)| *sid));
+        sids.dedup();
+        put_block(postings, &group[0].0, &sids, &mut value)?;
+    }
+    Ok(())
+}
+
+/// Removes `sid` from the postings of the pair `prefix`.
+fn remove_posting(
+    postings: &mut redb::Table<&[u8], &[u8]>,
+    prefix: &[u8],
+    sid: u64,
+) -> Result<(), ApplyError> {
+    // The block holding `sid` starts at or before it; blocks overlap only after tag
+    // changes, so the search normally stops at the first block it reads.
+    let (from, to) = (block_key(prefix, 0), block_key(prefix, sid));
+    let mut found = None;
+    for row in postings
+        .range(from.as_slice()..=to.as_slice())
+        .map_err(storage)?
+        .rev()
+    {
+        let (k, v) = row.map_err(storage)?;
+        let v = v.value();
+        if block_sids(v).any(|s| s == sid) {
+            let rest: Vec<u64> = block_sids(v).filter(|&s| s != sid).collect();
+            found = Some((k.value().to_vec(), rest));
+            break;
+        }
+    }
+    if let Some((key, rest)) = found {
+        postings.remove(key.as_slice()).map_err(storage)?;
+        put_block(postings, prefix, &rest, &mut Vec::new())?;
+    }
+    Ok(())
+}
+
+/// Appends the sids of a pair's blocks to `out`, ascending and without repeats
+/// (blocks of one pair overlap only after tag changes).
+fn extend_from_block(out: &mut Vec<u64>, block: &[u8]) {
+    let start = out.len();
+    out.extend(block_sids(block));
+    if start > 0 && out.get(start).is_some_and(|&s| s <= out[start - 1]) {
+        out.sort_unstable();
+        out.dedup();
+    }
 }
 
 /// The smallest key after every key starting with `prefix`.
@@ -265,6 +383,8 @@ impl std::fmt::Display for ApplyError {
     }
 }
 
+impl std::error::Error for ApplyError {}
+
 fn storage<E: std::fmt::Display>(e: E) -> ApplyError {
     ApplyError::Storage(e.to_string())
 }
@@ -338,6 +458,93 @@ fn rejoin_series(
 }
 
 /// Records the next series id in the transaction that interned series.
+/// The series index key of canonical `labels` (stable across processes and versions).
+fn series_hash(labels: &[u8]) -> u128 {
+    use siphasher::sip128::{Hasher128, SipHasher13};
+    use std::hash::Hasher;
+    const KEYS: (u64, u64) = (0x7072_6f6d_6761_7465, 0x7365_7269_6573_0001);
+    let mut h = SipHasher13::new_with_keys(KEYS.0, KEYS.1);
+    h.write(labels);
+    h.finish128().as_u128()
+}
+
+/// The series id of canonical `labels`, if interned.
+fn find_series(
+    series: &redb::Table<(u128, u64), ()>,
+    labels_t: &redb::Table<u64, &[u8]>,
+    key: &[u8],
+    hash: u128,
+) -> Result<Option<u64>, ApplyError> {
+    for row in series
+        .range((hash, 0)..=(hash, u64::MAX))
+        .map_err(storage)?
+    {
+        let sid = row.map_err(storage)?.0.value().1;
+        let stored = labels_t.get(sid).map_err(storage)?;
+        if stored.is_some_and(|v| v.value() == key) {
+            return Ok(Some(sid));
+        }
+    }
+    Ok(None)
+}
+
+/// Rewrites the first series index format (labels → sid) as `(h128(labels), sid)`.
+fn convert_series_v1(tx: &redb::WriteTransaction) -> anyhow::Result<()> {
+    use redb::TableHandle;
+    if !tx.list_tables()?.any(|t| t.name() == SERIES_V1.name()) {
+        return Ok(());
+    }
+    let mut series = tx.open_table(SERIES)?;
+    let mut rows = 0u64;
+    for row in tx.open_table(SERIES_V1)?.iter()? {
+        let (k, sid) = row?;
+        series.insert((series_hash(k.value()), sid.value()), ())?;
+        rows += 1;
+    }
+    drop(series);
+    tx.delete_table(SERIES_V1)?;
+    tracing::info!(
+        rows,
+        "converted the series index to hashed keys (series_v2)"
+    );
+    Ok(())
+}
+
+/// Rewrites the first postings format (one key per pair and series) as blocks, one per
+/// pair, and drops it. Its keys come in pair order, so one pair is held at a time.
+fn convert_postings_v1(tx: &redb::WriteTransaction) -> anyhow::Result<()> {
+    use redb::TableHandle;
+    let v1 = tx.list_tables()?.any(|t| t.name() == POSTINGS_V1.name());
+    if !v1 {
+        return Ok(());
+    }
+    let mut postings = tx.open_table(POSTINGS)?;
+    let (mut prefix, mut sids, mut value) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rows = 0u64;
+    {
+        let old = tx.open_table(POSTINGS_V1)?;
+        for row in old.iter()? {
+            let (k, _) = row?;
+            let k = k.value();
+            let Some((p, sid)) = k.split_last_chunk::<8>() else {
+                continue;
+            };
+            if p != prefix.as_slice() {
+                put_block(&mut postings, &prefix, &sids, &mut value)?;
+                prefix = p.to_vec();
+                sids.clear();
+            }
+            sids.push(u64::from_be_bytes(*sid));
+            rows += 1;
+        }
+        put_block(&mut postings, &prefix, &sids, &mut value)?;
+    }
+    drop(postings);
+    tx.delete_table(POSTINGS_V1)?;
+    tracing::info!(rows, "converted the postings index to blocks (postings_v2)");
+    Ok(())
+}
+
 fn put_next_sid(tx: &redb::WriteTransaction, next_sid: u64) -> Result<(), ApplyError> {
     tx.open_table(META)
         .map_err(storage)?
@@ -387,6 +594,8 @@ impl Store {
         tx.open_table(APPLIED)?;
         tx.open_table(META)?;
         tx.open_table(TAGS)?;
+        convert_series_v1(&tx)?;
+        convert_postings_v1(&tx)?;
         tx.commit()?;
         let store = Store {
             db: std::sync::RwLock::new(Some(db)),
@@ -711,7 +920,7 @@ impl Store {
         let mut tag_key = Vec::new();
         // New postings are inserted at the end, sorted: B-tree inserts in key order
         // touch each leaf once instead of jumping across the table per series.
-        let mut new_postings: Vec<Vec<u8>> = Vec::new();
+        let mut new_postings: Vec<(Vec<u8>, u64)> = Vec::new();
         for s in b.new_series.iter() {
             let tr = s.target_ref.to_native();
             let (target, tags) = refs.targets.get(&tr).ok_or_else(|| {
@@ -732,53 +941,46 @@ impl Store {
                     .is_err()
             });
             encode_labels(kept.map(|(n, v)| (n.as_str(), v.as_str())), &mut tag_key);
-            let existing = series
-                .get(key.as_slice())
-                .map_err(storage)?
-                .map(|v| v.value());
-            let sid = match existing {
-                Some(sid) => sid,
+            let hash = series_hash(&key);
+            let existing = find_series(&series, &labels_t, &key, hash)?;
+            let (sid, created) = match existing {
+                Some(sid) => (sid, false),
                 None => {
                     let sid = *next_sid;
                     *next_sid += 1;
-                    series.insert(key.as_slice(), sid).map_err(storage)?;
+                    series.insert((hash, sid), ()).map_err(storage)?;
                     labels_t.insert(sid, key.as_slice()).map_err(storage)?;
                     for (n, v) in &labels {
-                        let mut p = postings_pair_prefix(n, v);
-                        p.extend_from_slice(&sid.to_be_bytes());
-                        new_postings.push(p);
+                        new_postings.push((postings_pair_prefix(n, v), sid));
                     }
                     self.metrics.series_created.fetch_add(1, Relaxed);
-                    sid
+                    (sid, true)
                 }
             };
-            let old = tags_t
-                .get(sid)
-                .map_err(storage)?
-                .map(|v| v.value().to_vec());
+            let old = match created {
+                true => None,
+                false => tags_t
+                    .get(sid)
+                    .map_err(storage)?
+                    .map(|v| v.value().to_vec()),
+            };
             if old.as_deref() != Some(tag_key.as_slice()) {
-                let tag_posting = |n: &str, v: &str| {
-                    let mut p = postings_pair_prefix(&format!("{TAG_MARK}{n}"), v);
-                    p.extend_from_slice(&sid.to_be_bytes());
-                    p
-                };
+                let tag_prefix =
+                    |n: &str, v: &str| postings_pair_prefix(&format!("{TAG_MARK}{n}"), v);
                 for (n, v) in decode_labels(old.as_deref().unwrap_or_default()) {
-                    postings
-                        .remove(tag_posting(&n, &v).as_slice())
-                        .map_err(storage)?;
+                    let p = tag_prefix(&n, &v);
+                    // Also a posting of this batch not written yet (a series twice in it).
+                    new_postings.retain(|(q, s)| !(*s == sid && *q == p));
+                    remove_posting(&mut postings, &p, sid)?;
                 }
                 for (n, v) in decode_labels(&tag_key) {
-                    new_postings.push(tag_posting(&n, &v));
+                    new_postings.push((tag_prefix(&n, &v), sid));
                 }
                 tags_t.insert(sid, tag_key.as_slice()).map_err(storage)?;
             }
             refs.series.insert(s.series_ref.to_native(), sid);
         }
-        new_postings.sort_unstable();
-        for p in &new_postings {
-            postings.insert(p.as_slice(), ()).map_err(storage)?;
-        }
-        Ok(())
+        put_postings(&mut postings, &mut new_postings)
     }
 
     fn apply_locked(
@@ -1074,10 +1276,9 @@ impl Reader<'_> {
         let t = self.tx.open_table(POSTINGS)?;
         let mut out = Vec::new();
         for row in t.range(prefix.as_slice()..end.as_slice())? {
-            let (k, _) = row?;
-            let k = k.value();
-            if k.len() == prefix.len() + 8 {
-                out.push(u64::from_be_bytes(k[prefix.len()..].try_into().expect("8")));
+            let (k, v) = row?;
+            if k.value().len() == prefix.len() + 8 {
+                extend_from_block(&mut out, v.value());
             }
         }
         Ok(out)
@@ -1090,7 +1291,7 @@ impl Reader<'_> {
         let t = self.tx.open_table(POSTINGS)?;
         let mut out: Vec<(String, Vec<u64>)> = Vec::new();
         for row in t.range(prefix.as_slice()..end.as_slice())? {
-            let (k, _) = row?;
+            let (k, block) = row?;
             let k = k.value();
             let mut rest = &k[prefix.len()..];
             let Some(v) = take_lp(&mut rest) else {
@@ -1099,11 +1300,10 @@ impl Reader<'_> {
             if rest.len() != 8 {
                 continue;
             }
-            let sid = u64::from_be_bytes(rest.try_into().expect("8"));
             let v = String::from_utf8_lossy(v);
             match out.last_mut() {
-                Some((last, ids)) if *last == v => ids.push(sid),
-                _ => out.push((v.into_owned(), vec![sid])),
+                Some((last, ids)) if *last == v => extend_from_block(ids, block.value()),
+                _ => out.push((v.into_owned(), block_sids(block.value()).collect())),
             }
         }
         Ok(out)

@@ -513,3 +513,193 @@ fn targets_rejoin_labels_and_tags_sit_beside_them() {
     assert!(e.to_string().contains("absent index 3"), "{e}");
     assert_eq!(store.applied_seq("agent-a", 0), 2);
 }
+
+/// Expected postings from the index's own `labels` and `tags`: name → value → sids.
+type Inverted = std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<u64>>>;
+
+fn inverted_from_labels_and_tags(r: &Reader) -> Inverted {
+    use promgate_server::store::TAG_MARK;
+    let mut want = Inverted::new();
+    for sid in r.all_series().unwrap() {
+        let labels = r.labels(sid).unwrap().unwrap();
+        let tags = r.tags(sid).unwrap().into_iter();
+        let tags = tags.map(|(n, v)| (format!("{TAG_MARK}{n}"), v));
+        for (n, v) in labels.into_iter().chain(tags) {
+            want.entry(n).or_default().entry(v).or_default().push(sid);
+        }
+    }
+    want
+}
+
+/// Postings are written as one block per label pair per batch. Whatever the batches,
+/// including series whose tags flip back and forth and a series twice in one batch, the
+/// union of a pair's blocks is exactly the series that have the pair.
+#[test]
+fn postings_blocks_are_exactly_the_series_of_each_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    let series_labels = |i: u32| {
+        labels(&[
+            ("__name__", &format!("m{}", i % 3)),
+            ("inst", &format!("i{i}")),
+            ("job", &format!("j{}", i % 5)),
+        ])
+    };
+    for round in 0..6u32 {
+        let seq = u64::from(round) + 1;
+        let team = ["a", "b"][round as usize % 2];
+        let mut new_series = Vec::new();
+        // 40 new series, then every 7th older one again (its team tag flips).
+        let old = (0..round * 40).step_by(7);
+        for (r, i) in (round * 40..round * 40 + 40).chain(old).enumerate() {
+            new_series.push(NewSeries {
+                series_ref: r as u32,
+                target_ref: 0,
+                absent: vec![],
+                labels: series_labels(i),
+            });
+        }
+        // The first series of the round once more, under the other target: its tags
+        // are the last ones given.
+        new_series.push(NewSeries {
+            series_ref: new_series.len() as u32,
+            target_ref: 1,
+            absent: vec![],
+            labels: series_labels(round * 40),
+        });
+        let n = new_series.len();
+        let b = ShipBatch {
+            agent: "agent-a".into(),
+            first_seq: seq,
+            last_seq: seq,
+            new_targets: vec![
+                NewTarget {
+                    target_ref: 0,
+                    labels: vec![],
+                    tags: labels(&[("agent", "x"), ("team", team)]),
+                },
+                NewTarget {
+                    target_ref: 1,
+                    labels: vec![],
+                    tags: labels(&[("agent", "x"), ("team", "c")]),
+                },
+            ],
+            sample_refs: (0..n as u32).collect(),
+            sample_ts: vec![1000 * seq as i64; n],
+            sample_values: vec![0; n],
+            new_series,
+            ..Default::default()
+        };
+        apply(&store, &b, &mut ConnRefs::default()).unwrap();
+        let r = store.reader().unwrap();
+        let want = inverted_from_labels_and_tags(&r);
+        assert_eq!(r.all_series().unwrap().len(), 40 * (round as usize + 1));
+        let twice = want["inst"][&format!("i{}", round * 40)][0];
+        let team_of_twice = r
+            .tags(twice)
+            .unwrap()
+            .into_iter()
+            .find(|(n, _)| n == "team");
+        assert_eq!(team_of_twice, Some(("team".into(), "c".into())));
+        let mut names = r.label_names().unwrap();
+        names.sort();
+        assert_eq!(names, want.keys().cloned().collect::<Vec<_>>());
+        for (name, values) in &want {
+            // In key order: by value length, then bytes.
+            let mut got = r.values_of(name).unwrap();
+            got.sort();
+            let want_values: Vec<(String, Vec<u64>)> =
+                values.iter().map(|(v, s)| (v.clone(), s.clone())).collect();
+            assert_eq!(got, want_values, "values of {name:?}, round {round}");
+            for (value, sids) in values {
+                assert_eq!(&r.postings(name, value).unwrap(), sids, "{name}={value}");
+            }
+        }
+    }
+}
+
+/// A store written with the first index formats (postings: one key per pair and series;
+/// series: keyed by the labels) is converted when opened, and the old tables dropped: the
+/// postings read back, and a series sent again keeps its id.
+#[test]
+fn the_first_index_formats_are_converted_at_open() {
+    const V1: redb::TableDefinition<&[u8], ()> = redb::TableDefinition::new("postings");
+    const SERIES_V1: redb::TableDefinition<&[u8], u64> = redb::TableDefinition::new("series");
+    const LABELS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("labels");
+    const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+    let up = |job: &str| {
+        let mut k = Vec::new();
+        promgate_server::store::encode_labels(
+            [("__name__", "up"), ("job", job)].into_iter(),
+            &mut k,
+        );
+        k
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = |n: &str, v: &str, sid: u64| {
+        let mut k = promgate_server::store::postings_pair_prefix(n, v);
+        k.extend_from_slice(&sid.to_be_bytes());
+        k
+    };
+    {
+        let db = redb::Database::create(dir.path().join("prometheus.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(V1).unwrap();
+            for sid in [1, 2, 3, 300] {
+                t.insert(key("__name__", "up", sid).as_slice(), ()).unwrap();
+            }
+            t.insert(key("job", "a", 2).as_slice(), ()).unwrap();
+            t.insert(key("job", "b", 1).as_slice(), ()).unwrap();
+            t.insert(key("\0agent", "x", 3).as_slice(), ()).unwrap();
+            let mut series = tx.open_table(SERIES_V1).unwrap();
+            let mut labels = tx.open_table(LABELS).unwrap();
+            for (sid, job) in [(1, "b"), (2, "a"), (3, "c"), (300, "d")] {
+                series.insert(up(job).as_slice(), sid).unwrap();
+                labels.insert(sid, up(job).as_slice()).unwrap();
+            }
+            tx.open_table(META)
+                .unwrap()
+                .insert("next_sid", 301)
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    for seq in 1..=2 {
+        let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+        let b = batch(
+            seq,
+            seq,
+            &[
+                (0, &[("__name__", "up"), ("job", "a")]),
+                (1, &[("__name__", "up"), ("job", "new")]),
+            ],
+            &[(0, 1000 * seq as i64, 0), (1, 1000 * seq as i64, 0)],
+        );
+        apply(&store, &b, &mut ConnRefs::default()).unwrap();
+        let r = store.reader().unwrap();
+        assert_eq!(
+            r.postings("__name__", "up").unwrap(),
+            vec![1, 2, 3, 300, 301]
+        );
+        assert_eq!(
+            r.postings("job", "a").unwrap(),
+            vec![2],
+            "job=a kept its id"
+        );
+        assert_eq!(r.postings("job", "new").unwrap(), vec![301]);
+        assert_eq!(r.all_series().unwrap(), vec![1, 2, 3, 300, 301]);
+        assert_eq!(r.postings("\0agent", "x").unwrap(), vec![3]);
+    }
+    let db = redb::Database::open(dir.path().join("prometheus.redb")).unwrap();
+    let tx = db.begin_read().unwrap();
+    use redb::TableHandle;
+    let names: Vec<String> = tx
+        .list_tables()
+        .unwrap()
+        .map(|t| t.name().to_string())
+        .collect();
+    for old in ["postings", "series"] {
+        assert!(!names.contains(&old.to_string()), "{names:?}");
+    }
+}
