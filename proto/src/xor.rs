@@ -40,23 +40,44 @@ impl BitWriter {
         self.free -= 1;
     }
 
-    /// The low `n` bits of `v`, most significant first. Whole bytes go through
-    /// [`BitWriter::byte`], as Prometheus's bit stream does, so the bytes match its own.
+    /// The low `n` bits of `v`, most significant first, written as Prometheus's bit
+    /// stream writes them: its whole bytes go through a byte write, so when `n` is a
+    /// whole number of bytes and the stream was aligned, an empty byte follows (see
+    /// [`BitWriter::byte`]). Written a byte at a time, not a bit at a time: this is the
+    /// server's per-sample hot path.
     fn bits(&mut self, v: u64, n: u8) {
         if n == 0 {
             return;
         }
-        let mut u = v << (64 - u32::from(n));
-        let mut n = n;
-        while n >= 8 {
-            self.byte((u >> 56) as u8);
-            u <<= 8;
-            n -= 8;
+        let whole_bytes = n % 8 == 0;
+        let mut n = u32::from(n);
+        let v = if n == 64 { v } else { v & ((1u64 << n) - 1) };
+        let aligned = self.free == 0 || self.free == 8;
+        if self.free == 0 {
+            self.bytes.push(0);
+            self.free = 8;
         }
-        while n > 0 {
-            self.bit(u >> 63 == 1);
-            u <<= 1;
-            n -= 1;
+        let f = u32::from(self.free);
+        let last = self.bytes.len() - 1;
+        if n <= f {
+            self.bytes[last] |= (v << (f - n)) as u8;
+            self.free = (f - n) as u8;
+        } else {
+            self.bytes[last] |= (v >> (n - f)) as u8;
+            n -= f;
+            while n >= 8 {
+                n -= 8;
+                self.bytes.push((v >> n) as u8);
+            }
+            if n > 0 {
+                self.bytes.push((v << (8 - n)) as u8);
+            }
+            self.free = ((8 - n) % 8) as u8;
+        }
+        if aligned && whole_bytes {
+            // As Prometheus's byte writes leave it: an empty byte after the last one.
+            self.bytes.push(0);
+            self.free = 8;
         }
     }
 
@@ -339,6 +360,62 @@ mod tests {
         assert_eq!(back.len(), samples.len());
         for ((t, v), (bt, bv)) in samples.iter().zip(&back) {
             assert_eq!((t, v.to_bits()), (bt, bv.to_bits()));
+        }
+    }
+
+    /// `bits` as Prometheus's stream defines it: whole bytes through `byte`, then one
+    /// bit at a time (the encoder's first version, kept as the reference).
+    fn bits_one_at_a_time(w: &mut BitWriter, v: u64, n: u8) {
+        if n == 0 {
+            return;
+        }
+        let (mut u, mut n) = (v << (64 - u32::from(n)), n);
+        while n >= 8 {
+            w.byte((u >> 56) as u8);
+            u <<= 8;
+            n -= 8;
+        }
+        while n > 0 {
+            w.bit(u >> 63 == 1);
+            u <<= 1;
+            n -= 1;
+        }
+    }
+
+    #[test]
+    fn bits_write_exactly_what_bit_and_byte_writes_do() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..2000 {
+            let start = || BitWriter {
+                bytes: vec![0, 0],
+                free: 0,
+            };
+            let (mut fast, mut slow) = (start(), start());
+            for _ in 0..(next() % 40) {
+                let (v, n) = (next(), (next() % 65) as u8);
+                match next() % 4 {
+                    0 => {
+                        let b = v % 2 == 1;
+                        fast.bit(b);
+                        slow.bit(b);
+                    }
+                    1 => {
+                        fast.byte(v as u8);
+                        slow.byte(v as u8);
+                    }
+                    _ => {
+                        fast.bits(v, n);
+                        bits_one_at_a_time(&mut slow, v, n);
+                    }
+                }
+                assert_eq!((&fast.bytes, fast.free), (&slow.bytes, slow.free));
+            }
         }
     }
 
