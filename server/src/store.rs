@@ -324,6 +324,25 @@ struct HeadSeries {
     last_bits: u64,
     /// The commit generation that last sealed a chunk of this series.
     sealed_gen: u64,
+    /// Listed in [`Head::dirty`] (the flag spares a set lookup per sample).
+    dirty: bool,
+}
+
+impl HeadSeries {
+    /// An open chunk starting with the sample `(t, v)`.
+    fn new(t: i64, v: f64, sealed_gen: u64) -> HeadSeries {
+        let mut enc = XorEncoder::default();
+        enc.append(t, v);
+        HeadSeries {
+            enc,
+            partition: partition_of(t),
+            min_t: t,
+            max_t: t,
+            last_bits: v.to_bits(),
+            sealed_gen,
+            dirty: false,
+        }
+    }
 }
 
 struct Head {
@@ -333,8 +352,9 @@ struct Head {
     applied: HashMap<String, u64>,
     /// `applied` as of the last durable commit.
     durable: HashMap<String, u64>,
-    /// Series whose open chunk changed since the last durable commit.
-    dirty: hashbrown::HashSet<u64>,
+    /// Series whose open chunk changed since the last durable commit, each listed once
+    /// while its `dirty` flag is set (again only if retention dropped it meanwhile).
+    dirty: Vec<u64>,
     /// Commits so far (readers compare it with `sealed_gen`).
     generation: u64,
     /// Changes with every reload from disk; connections from an older epoch must say
@@ -606,7 +626,7 @@ impl Store {
                 next_sid: 1,
                 applied: HashMap::new(),
                 durable: HashMap::new(),
-                dirty: hashbrown::HashSet::new(),
+                dirty: Vec::new(),
                 generation: 0,
                 epoch: 0,
                 last_checkpoint: Instant::now(),
@@ -688,6 +708,7 @@ impl Store {
                     max_t,
                     last_bits,
                     sealed_gen: 0,
+                    dirty: false,
                 },
             );
         }
@@ -807,7 +828,11 @@ impl Store {
     ) -> Result<(), ApplyError> {
         match result {
             Ok(()) => {
-                head.dirty.clear();
+                for sid in head.dirty.drain(..) {
+                    if let Some(h) = head.series.get_mut(&sid) {
+                        h.dirty = false;
+                    }
+                }
                 head.durable = head.applied.clone();
                 head.generation += 1;
                 head.last_checkpoint = Instant::now();
@@ -1003,10 +1028,10 @@ impl Store {
         };
         // Every reference is checked before memory changes: a malformed batch leaves
         // the head as it was (no rebuild, no rollback for the other connections).
-        let refs_used = b.sample_refs.iter().map(|r| r.to_native());
-        let refs_used = refs_used
-            .chain(b.histograms.iter().map(|h| h.series_ref.to_native()))
-            .chain(b.exemplars.iter().map(|e| e.series_ref.to_native()));
+        let sample_sids = b.sample_refs.iter().map(|r| sid_of(r.to_native()));
+        let sample_sids = sample_sids.collect::<Result<Vec<u64>, ApplyError>>()?;
+        let refs_used = b.histograms.iter().map(|h| h.series_ref.to_native());
+        let refs_used = refs_used.chain(b.exemplars.iter().map(|e| e.series_ref.to_native()));
         for r in refs_used {
             sid_of(r)?;
         }
@@ -1014,62 +1039,53 @@ impl Store {
         {
             let mut chunks = tx.open_table(CHUNKS).map_err(storage)?;
             let mut value = Vec::new();
-            for i in 0..b.sample_refs.len() {
-                let sid = sid_of(b.sample_refs[i].to_native())?;
+            for (i, &sid) in sample_sids.iter().enumerate() {
+                // Each sample is usually another series: load the open chunk of a
+                // sample a few ahead while this one is appended.
+                if let Some(ahead) = sample_sids.get(i + 8) {
+                    if let Some(h) = head.series.get(ahead) {
+                        h.enc.prefetch();
+                    }
+                }
                 let t = b.sample_ts[i].to_native();
                 let v = f64::from_bits(b.sample_values[i].to_native());
                 let p = partition_of(t);
-                match head.series.get_mut(&sid) {
-                    Some(h) if t <= h.max_t => {
-                        let dup = t == h.max_t && h.last_bits == v.to_bits();
-                        if dup {
-                            self.metrics.samples_duplicate.fetch_add(1, Relaxed);
-                        } else {
-                            self.metrics.samples_out_of_order.fetch_add(1, Relaxed);
+                let h = match head.series.entry(sid) {
+                    hashbrown::hash_map::Entry::Vacant(e) => e.insert(HeadSeries::new(t, v, 0)),
+                    hashbrown::hash_map::Entry::Occupied(e) => {
+                        let h = e.into_mut();
+                        if t <= h.max_t {
+                            let dup = t == h.max_t && h.last_bits == v.to_bits();
+                            if dup {
+                                self.metrics.samples_duplicate.fetch_add(1, Relaxed);
+                            } else {
+                                self.metrics.samples_out_of_order.fetch_add(1, Relaxed);
+                            }
+                            continue;
                         }
-                        continue;
+                        if h.partition != p || h.enc.len() >= SAMPLES_PER_CHUNK_MAX {
+                            value.clear();
+                            value.extend_from_slice(&h.max_t.to_le_bytes());
+                            value.extend_from_slice(h.enc.bytes());
+                            chunks
+                                .insert((h.partition, sid, h.min_t), value.as_slice())
+                                .map_err(storage)?;
+                            self.metrics.chunks_sealed.fetch_add(1, Relaxed);
+                            let dirty = h.dirty;
+                            *h = HeadSeries::new(t, v, sealed_gen);
+                            h.dirty = dirty;
+                        } else {
+                            h.enc.append(t, v);
+                            h.max_t = t;
+                            h.last_bits = v.to_bits();
+                        }
+                        h
                     }
-                    Some(h) if h.partition != p || h.enc.len() >= SAMPLES_PER_CHUNK_MAX => {
-                        value.clear();
-                        value.extend_from_slice(&h.max_t.to_le_bytes());
-                        value.extend_from_slice(h.enc.bytes());
-                        chunks
-                            .insert((h.partition, sid, h.min_t), value.as_slice())
-                            .map_err(storage)?;
-                        self.metrics.chunks_sealed.fetch_add(1, Relaxed);
-                        let mut enc = XorEncoder::default();
-                        enc.append(t, v);
-                        *h = HeadSeries {
-                            enc,
-                            partition: p,
-                            min_t: t,
-                            max_t: t,
-                            last_bits: v.to_bits(),
-                            sealed_gen,
-                        };
-                    }
-                    Some(h) => {
-                        h.enc.append(t, v);
-                        h.max_t = t;
-                        h.last_bits = v.to_bits();
-                    }
-                    None => {
-                        let mut enc = XorEncoder::default();
-                        enc.append(t, v);
-                        head.series.insert(
-                            sid,
-                            HeadSeries {
-                                enc,
-                                partition: p,
-                                min_t: t,
-                                max_t: t,
-                                last_bits: v.to_bits(),
-                                sealed_gen: 0,
-                            },
-                        );
-                    }
+                };
+                if !h.dirty {
+                    h.dirty = true;
+                    head.dirty.push(sid);
                 }
-                head.dirty.insert(sid);
                 stored += 1;
             }
         }

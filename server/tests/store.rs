@@ -268,10 +268,10 @@ fn batches_become_durable_at_checkpoints_and_queries_see_them_before() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
     let mut refs = ConnRefs::default();
-    let samples: Vec<(u32, i64, u64)> = (0..150)
+    let samples: Vec<(u32, i64, u64)> = (0..170)
         .map(|i| (0, 1_000_000 + i * 15_000, (i as f64).to_bits()))
         .collect();
-    let want: Vec<(i64, u64)> = samples.iter().map(|s| (s.1, s.2)).collect();
+    let want: Vec<(i64, u64)> = samples[..150].iter().map(|s| (s.1, s.2)).collect();
     apply(&store, &batch(1, 1, &[(0, UP)], &samples[..100]), &mut refs).unwrap();
     let ledger = |l: &Store| l.ledger("agent-a", 0);
     assert_eq!(
@@ -284,7 +284,7 @@ fn batches_become_durable_at_checkpoints_and_queries_see_them_before() {
     // A reader from before the next batch, which seals the first 120 samples into a
     // chunk: it still sees every sample, the sealed chunk included.
     let before = store.reader().unwrap();
-    apply(&store, &batch(2, 2, &[], &samples[100..]), &mut refs).unwrap();
+    apply(&store, &batch(2, 2, &[], &samples[100..150]), &mut refs).unwrap();
     assert_eq!(read_with(&before, "up"), want);
     drop(before);
     assert_eq!(read(&store, "up"), want);
@@ -299,6 +299,21 @@ fn batches_become_durable_at_checkpoints_and_queries_see_them_before() {
     assert!(!store.checkpoint().unwrap(), "nothing changed since");
     drop(store);
     let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    assert_eq!(read(&store, "up"), want);
+    // The same open chunk changes again after a checkpoint: the next one writes it too.
+    let mut refs = ConnRefs::default();
+    apply(
+        &store,
+        &batch(3, 3, &[(0, UP)], &samples[150..160]),
+        &mut refs,
+    )
+    .unwrap();
+    assert!(store.checkpoint().unwrap());
+    apply(&store, &batch(4, 4, &[], &samples[160..]), &mut refs).unwrap();
+    assert!(store.checkpoint().unwrap());
+    drop(store);
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    let want: Vec<(i64, u64)> = samples.iter().map(|s| (s.1, s.2)).collect();
     assert_eq!(read(&store, "up"), want);
 }
 
