@@ -26,6 +26,8 @@
 //!
 //! canonical labels := (lp(name) lp(value))*   sorted by name;  lp(s) := u32 BE length | bytes
 //! h128(labels)     := SipHash-1-3-128 of the canonical labels, fixed keys
+//! partition        := floor(t / PARTITION_MS), PARTITION_MS = 2 h
+//! ```
 //!
 //! The series index is keyed by the labels' hash: small keys keep the B-tree small, so
 //! a batch of new series rewrites fewer pages. A hash hit is confirmed against `labels`,
@@ -37,8 +39,6 @@
 //! one B-tree insert per distinct pair instead of one per pair per series. Blocks of a
 //! pair may overlap only after a series' tags change (rare); readers merge them. The
 //! first format (`postings`, one key per pair per series) is converted at open.
-//! partition        := floor(t / PARTITION_MS), PARTITION_MS = 2 h
-//! ```
 //!
 //! ## Write path
 //!
