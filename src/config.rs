@@ -239,6 +239,7 @@ pub struct ReceiveSection {
     pub connections_per_shard_max: Option<usize>,
     pub header_bytes_max: Option<usize>,
     pub body_bytes_max: Option<usize>,
+    pub bodies_bytes_max: Option<usize>,
     pub decoded_bytes_max: Option<usize>,
     pub drain_bytes_max: Option<usize>,
     pub idle_timeout_ms: Option<u64>,
@@ -514,6 +515,7 @@ impl AgentConfig {
                 .decoded_bytes_max
                 .or(file.receive.decoded_bytes_max)
                 .unwrap_or(r.decoded_bytes_max),
+            bodies_bytes_max: file.receive.bodies_bytes_max.unwrap_or(r.bodies_bytes_max),
             drain_bytes_max: file.receive.drain_bytes_max.unwrap_or(r.drain_bytes_max),
             idle_timeout_ms: flags
                 .idle_timeout_ms
@@ -698,6 +700,13 @@ impl AgentConfig {
                 bail!("{name} = {value} is below its minimum of {min}");
             }
         }
+        if r.bodies_bytes_max < r.body_bytes_max {
+            bail!(
+                "receive.bodies_bytes_max = {} is below receive.body_bytes_max = {}: a body at the size limit could never be accepted",
+                r.bodies_bytes_max,
+                r.body_bytes_max
+            );
+        }
         // Spans in a batch are u32 offsets into the decompressed body.
         if r.decoded_bytes_max as u64 > u64::from(u32::MAX) {
             bail!(
@@ -765,6 +774,13 @@ mod tests {
         };
         let e = AgentConfig::resolve(&bad).unwrap_err().to_string();
         assert!(e.contains("receive.body_bytes_max"), "{e}");
+        // A body at the size limit must fit the shard's budget for bodies.
+        let bad = AgentFlags {
+            body_bytes_max: Some(128 << 20),
+            ..Default::default()
+        };
+        let e = AgentConfig::resolve(&bad).unwrap_err().to_string();
+        assert!(e.contains("receive.bodies_bytes_max"), "{e}");
         let bad = AgentFlags {
             listen: Some("nowhere".into()),
             ..Default::default()

@@ -7,6 +7,7 @@ mod common;
 use common::{golden, metric_sum, Agent, Client, V1, V2};
 use promgate_proto::messages::v2;
 use prost::Message;
+use std::io::Write;
 
 struct Case {
     name: &'static str,
@@ -672,4 +673,58 @@ fn check_config_validates_the_enrich_section() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// Request bodies are bounded per shard, not per connection: while one connection holds
+/// most of `receive.bodies_bytes_max` for a large body still arriving, another large body
+/// gets 503 with Retry-After (its connection kept), and once the first request is done
+/// its buffer is given back and the same body goes through.
+#[test]
+fn bodies_over_the_shard_budget_get_503_until_the_budget_comes_back() {
+    let agent = Agent::start_with_config(
+        "bodybudget",
+        "[receive]\nbody_bytes_max = 1048576\nbodies_bytes_max = 1048576\n",
+    );
+    let body = vec![0x55u8; 800_000];
+    let head = format!(
+        "POST /api/v1/write HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\nContent-Encoding: snappy\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let held = |a: &Agent| metric_sum(&a.metrics(), "promgate_agent_receive_body_bytes_held");
+    // First: the head and a little of the body; it reserves ~540 KB of the 1 MiB.
+    let mut first = Client::connect(agent.port).unwrap();
+    first.stream.write_all(head.as_bytes()).unwrap();
+    first.stream.write_all(&body[..100]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while held(&agent) < 500_000.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first body was never reserved"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut whole = head.clone().into_bytes();
+    whole.extend_from_slice(&body);
+    let mut second = Client::connect(agent.port).unwrap();
+    let r = second.raw(&whole).unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.header("Retry-After").is_some());
+    assert!(r.text().contains("bodies_bytes_max"), "{}", r.text());
+    // The first request completes (its body is not snappy: 400, past the budget).
+    first.stream.write_all(&body[100..]).unwrap();
+    let r = first.read_response().unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(held(&agent), 0.0, "the first body's buffer was given back");
+    // The refused connection still works, and now its body fits.
+    let r = second.raw(&whole).unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    let m = agent.metrics();
+    let rejected = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("promgate_agent_receive_rejected_total") && l.contains("body_budget")
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum::<f64>();
+    assert_eq!(rejected, 1.0);
 }

@@ -607,18 +607,9 @@ fn a_deleted_wal_starts_a_new_epoch_instead_of_being_taken_for_a_replay() {
 /// that request is written; the connection keeps serving.
 #[test]
 fn request_headers_become_tags_within_their_length_limit() {
-    let dir = temp_dir("server-header-tags");
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
+    let agent = Agent::start_with_config(
+        "server-header-tags",
         "[query]\nmeta_tags_in_labels = true\n[enrich]\nheader_tag_bytes_max = 16\n[enrich.header_tags]\nX-Tenant = \"tenant\"\n",
-    )
-    .unwrap();
-    let agent = Agent::start_in(
-        &dir,
-        &dir.join("data"),
-        free_port(),
-        &["--shards", "1", "--config", config.to_str().unwrap()],
     );
     let mut c = Client::connect(agent.port).unwrap();
     let with = |tenant: &str| {

@@ -14,7 +14,7 @@ pub const STATUSES: [u16; 13] = [
 ];
 
 /// Request-level refusals, labelled `reason` on `promgate_agent_receive_rejected_total`.
-pub const REQUEST_REJECTS: [&str; 12] = [
+pub const REQUEST_REJECTS: [&str; 13] = [
     "content_type",
     "content_encoding",
     "body_too_large",
@@ -27,6 +27,7 @@ pub const REQUEST_REJECTS: [&str; 12] = [
     "sink_unavailable",
     "partial",
     "bad_header",
+    "body_budget",
 ];
 
 /// Upper bounds of the time histograms' buckets (decode, fsync), in seconds.
@@ -165,6 +166,8 @@ pub struct ShardMetrics {
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
     pub connections_rejected: AtomicU64,
+    /// Bytes of request bodies held beyond each connection's kept buffer.
+    pub body_bytes_held: AtomicU64,
     pub wal: WalMetrics,
     pub ship: ShipMetrics,
     pub enrich: crate::enrich::EnrichMetrics,
@@ -187,6 +190,7 @@ impl Default for ShardMetrics {
             connections_open: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
             connections_rejected: AtomicU64::new(0),
+            body_bytes_held: AtomicU64::new(0),
             wal: WalMetrics::default(),
             ship: ShipMetrics::default(),
             enrich: Default::default(),
@@ -373,6 +377,14 @@ pub fn render(shards: &[ShardMetrics], out: &mut String) {
         "Connections refused at the per-shard limit.",
         shards,
         |m| &m.connections_rejected,
+    );
+    per_shard(
+        out,
+        "promgate_agent_receive_body_bytes_held",
+        "gauge",
+        "Bytes the shard's connections hold for request bodies beyond each one's kept buffer (bounded by receive.bodies_bytes_max).",
+        shards,
+        |m| &m.body_bytes_held,
     );
     render_wal(shards, out);
     render_ship(shards, out);

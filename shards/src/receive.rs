@@ -30,6 +30,10 @@ pub struct ReceiveConfig {
     pub header_bytes_max: usize,
     /// Largest compressed body accepted (413 above).
     pub body_bytes_max: usize,
+    /// Bytes a shard's connections may hold together for request bodies beyond each
+    /// one's kept buffer ([`INPUT_BYTES_KEPT`]); a body that does not fit gets 503 with
+    /// `Retry-After`. Chunked bodies are outside it: one at a time per shard.
+    pub bodies_bytes_max: usize,
     /// Largest decompressed body accepted, checked against the snappy header (413).
     pub decoded_bytes_max: usize,
     /// A refused body up to this size is read and dropped so the connection survives;
@@ -53,6 +57,7 @@ impl Default for ReceiveConfig {
             connections_per_shard_max: 1024,
             header_bytes_max: 16 * 1024,
             body_bytes_max: 16 << 20,
+            bodies_bytes_max: 64 << 20,
             decoded_bytes_max: 64 << 20,
             drain_bytes_max: 64 << 20,
             idle_timeout_ms: 300_000,
@@ -74,6 +79,11 @@ pub struct ShardContext<S> {
     pub ready: Arc<AtomicBool>,
     pub sink: S,
     open: Cell<usize>,
+    /// Bytes held by connections for bodies beyond [`INPUT_BYTES_KEPT`] each (at most
+    /// `config.bodies_bytes_max`).
+    body_bytes_held: Cell<usize>,
+    /// A connection is reading a chunked body (its size is unknown until read).
+    chunked_in_flight: Cell<bool>,
     /// The header names of `config.header_tags`, for the head parser.
     header_names: Vec<String>,
     /// Decompression and decode buffers, shared by the shard's connections: a request
@@ -124,6 +134,8 @@ impl<S> ShardContext<S> {
             ready,
             sink,
             open: Cell::new(0),
+            body_bytes_held: Cell::new(0),
+            chunked_in_flight: Cell::new(false),
             scratch: Default::default(),
         }
     }
@@ -230,10 +242,30 @@ struct Conn<S> {
     filled: usize,
     chunked_body: Vec<u8>,
     out: Vec<u8>,
+    /// Bytes of `input` beyond [`INPUT_BYTES_KEPT`] counted in the shard's
+    /// `body_bytes_held`.
+    held: usize,
+    /// This connection is the shard's one chunked body in flight.
+    chunked: bool,
 }
 
-/// First size of a connection's input buffer; it grows to the largest request seen.
+impl<S> Drop for Conn<S> {
+    fn drop(&mut self) {
+        let ctx = &self.ctx;
+        let shard = ctx.body_bytes_held.get() - self.held;
+        ctx.body_bytes_held.set(shard);
+        ctx.metrics().body_bytes_held.store(shard as u64, Relaxed);
+        if self.chunked {
+            ctx.chunked_in_flight.set(false);
+        }
+    }
+}
+
+/// First size of a connection's input buffer.
 const INPUT_BYTES_INITIAL: usize = 64 * 1024;
+/// What a connection keeps between requests: a larger body's buffer is given back after
+/// its request, so idle connections hold at most this each.
+pub const INPUT_BYTES_KEPT: usize = 256 * 1024;
 
 impl<S: Sink> Conn<S> {
     fn new(stream: TcpStream, ctx: Rc<ShardContext<S>>) -> Self {
@@ -244,7 +276,57 @@ impl<S: Sink> Conn<S> {
             filled: 0,
             chunked_body: Vec::new(),
             out: Vec::new(),
+            held: 0,
+            chunked: false,
         }
+    }
+
+    /// Reserves what the body of `head` needs beyond [`INPUT_BYTES_KEPT`] from the
+    /// shard's budget (or the shard's one chunked slot); `false` if it does not fit.
+    fn reserve_body(&mut self, head: &Head) -> bool {
+        if head.chunked {
+            if self.ctx.chunked_in_flight.get() {
+                return false;
+            }
+            self.ctx.chunked_in_flight.set(true);
+            self.chunked = true;
+            return true;
+        }
+        let end = head.len + head.content_length.unwrap_or(0) as usize;
+        let need = end.max(self.input.len()).saturating_sub(INPUT_BYTES_KEPT);
+        let extra = need.saturating_sub(self.held);
+        let held = self.ctx.body_bytes_held.get();
+        if held + extra > self.ctx.config.bodies_bytes_max {
+            return false;
+        }
+        self.set_held(need);
+        true
+    }
+
+    /// Gives back a large body's buffers after its request, and its reservation.
+    fn release_body(&mut self) {
+        if self.input.len() > INPUT_BYTES_KEPT && self.filled <= INPUT_BYTES_KEPT {
+            self.input.truncate(INPUT_BYTES_KEPT);
+            self.input.shrink_to_fit();
+        }
+        if self.chunked_body.capacity() > INPUT_BYTES_KEPT {
+            self.chunked_body = Vec::new();
+        }
+        if std::mem::take(&mut self.chunked) {
+            self.ctx.chunked_in_flight.set(false);
+        }
+        // Pipelined bytes beyond the kept size stay counted until they are used.
+        self.set_held(self.input.len().saturating_sub(INPUT_BYTES_KEPT));
+    }
+
+    fn set_held(&mut self, held: usize) {
+        let shard = self.ctx.body_bytes_held.get() + held - self.held;
+        self.ctx.body_bytes_held.set(shard);
+        self.ctx
+            .metrics()
+            .body_bytes_held
+            .store(shard as u64, Relaxed);
+        self.held = held;
     }
 
     /// Reads more bytes into `input`; `Ok(0)` is end of stream.
@@ -272,6 +354,7 @@ impl<S: Sink> Conn<S> {
                 return Ok(());
             };
             let answer = self.handle(&head).await?;
+            self.release_body();
             let close = answer.close || head.close;
             self.respond(&answer, close).await?;
             if close {
@@ -423,6 +506,20 @@ impl<S: Sink> Conn<S> {
                     head.content_length.unwrap_or(0)
                 ),
             );
+            answer.written = (protocol == Protocol::V2).then_some((0, 0, 0));
+            answer.close |= !self.skip_body(head).await?;
+            return Ok(answer);
+        }
+        if !self.reserve_body(head) {
+            metrics.request_reject("body_budget");
+            let mut answer = Answer::new(
+                503,
+                format!(
+                    "the shard's request bodies in flight are at receive.bodies_bytes_max ({} bytes); retry",
+                    self.ctx.config.bodies_bytes_max
+                ),
+            );
+            answer.retry_after_s = Some(self.ctx.config.retry_after_s);
             answer.written = (protocol == Protocol::V2).then_some((0, 0, 0));
             answer.close |= !self.skip_body(head).await?;
             return Ok(answer);

@@ -114,6 +114,20 @@ impl Agent {
         Agent::start_in(&dir, &dir.join("data"), free_port(), extra)
     }
 
+    /// Starts a one-shard agent with `toml` as its configuration file.
+    pub fn start_with_config(name: &str, toml: &str) -> Agent {
+        let dir = temp_dir(name);
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, toml).unwrap();
+        let config = config.to_str().unwrap();
+        Agent::start_in(
+            &dir,
+            &dir.join("data"),
+            free_port(),
+            &["--shards", "1", "--config", config],
+        )
+    }
+
     /// Starts an agent on a given data directory and port (also to restart one);
     /// its log is appended to `dir/agent.log`.
     /// Without `--server` in `extra`, the agent runs its server in-process on free
