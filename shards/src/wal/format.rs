@@ -459,7 +459,7 @@ pub struct Scan {
 /// (or exactly `exact` when given).
 pub fn record_at(seg: &[u8], at: usize, after: u64, exact: Option<u64>) -> Option<RecordRef> {
     let prefix = seg.get(at..at + RECORD_PREFIX_BYTES + RECORD_META_BYTES)?;
-    let len = u32::from_le_bytes(le4(&prefix[0..4])) as usize;
+    let len = covered_len_at(seg, at)?;
     if !(RECORD_META_BYTES..=RECORD_BYTES_MAX).contains(&len) {
         return None;
     }
@@ -484,6 +484,13 @@ pub fn record_at(seg: &[u8], at: usize, after: u64, exact: Option<u64>) -> Optio
         ),
         end,
     })
+}
+
+/// The length field of the record starting at `at`: the bytes its CRC covers (meta and
+/// payload), unchecked. `None` when fewer than its 4 bytes are there.
+pub fn covered_len_at(seg: &[u8], at: usize) -> Option<usize> {
+    seg.get(at..at + 4)
+        .map(|b| u32::from_le_bytes(le4(b)) as usize)
 }
 
 /// The records of a committed buffer (records back to back, no segment header), which

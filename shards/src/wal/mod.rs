@@ -872,10 +872,8 @@ impl<S: Storage> Wal<S> {
                     self.storage.read_at(first, at as u64, len, &mut window)?;
                     window_at = at;
                     r = format::record_at(&window, 0, 0, Some(next));
-                    let need = window.get(0..4).map_or(0, |b| {
-                        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
-                            + format::RECORD_PREFIX_BYTES
-                    });
+                    let need = format::covered_len_at(&window, 0)
+                        .map_or(0, |n| n + format::RECORD_PREFIX_BYTES);
                     if r.is_some() || need <= window.len() || need > format::RECORD_BYTES_MAX {
                         break;
                     }
