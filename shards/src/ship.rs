@@ -109,7 +109,9 @@ pub fn replay_payload(
 ) -> Result<(), String> {
     let mut batch = Batch::default();
     let mut raw = Vec::new();
-    let e = replay_payload_into(format, payload, &mut batch, &mut raw)?;
+    let p = RemoteWritePayload::parse(format, payload)?;
+    let e = Enrichment::parse(p.enrichment)?;
+    replay_payload_into(&p, &e, &mut batch, &mut raw)?;
     visit(
         Decoded {
             batch: &batch,
@@ -120,15 +122,14 @@ pub fn replay_payload(
     Ok(())
 }
 
-/// [`replay_payload`] into caller-owned buffers (reused across records).
-fn replay_payload_into<'p>(
-    format: u8,
-    payload: &'p [u8],
+/// [`replay_payload`] of a parsed record into caller-owned buffers (reused across
+/// records).
+fn replay_payload_into(
+    p: &RemoteWritePayload<'_>,
+    enrichment: &Enrichment<'_>,
     batch: &mut Batch,
     raw: &mut Vec<u8>,
-) -> Result<Enrichment<'p>, String> {
-    let p = RemoteWritePayload::parse(format, payload)?;
-    let enrichment = Enrichment::parse(p.enrichment)?;
+) -> Result<(), String> {
     let check_series = !p.enrichment.is_empty();
     let protocol = match p.protocol {
         1 => Protocol::V1,
@@ -162,7 +163,7 @@ fn replay_payload_into<'p>(
             batch.series.len()
         ));
     }
-    Ok(enrichment)
+    Ok(())
 }
 
 /// A native histogram of a decoded batch as a remote_write 1.0 message.
@@ -405,9 +406,9 @@ impl BatchBuilder {
         if kind != KIND_REMOTE_WRITE {
             return Err(format!("unknown record kind {kind} format {format}"));
         }
+        let record = RemoteWritePayload::parse(format, payload)?;
+        let e = Enrichment::parse(record.enrichment)?;
         if let Some(p) = prepared.filter(|p| p.seq == seq) {
-            let record = RemoteWritePayload::parse(format, payload)?;
-            let e = Enrichment::parse(record.enrichment)?;
             if self.add_prepared(&e, !record.enrichment.is_empty(), p) {
                 self.copied_records += 1;
                 return Ok(());
@@ -415,7 +416,7 @@ impl BatchBuilder {
         }
         let mut decoded = std::mem::take(&mut self.decoded);
         let mut raw = std::mem::take(&mut self.raw);
-        let result = replay_payload_into(format, payload, &mut decoded, &mut raw).map(|e| {
+        let result = replay_payload_into(&record, &e, &mut decoded, &mut raw).map(|()| {
             self.add_decoded(
                 Decoded {
                     batch: &decoded,
