@@ -380,6 +380,16 @@ mod tests {
         }
     }
 
+    /// A deterministic pseudo-random sequence (xorshift64) from `x`.
+    fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
     /// `bits` as Prometheus's stream defines it: whole bytes through `byte`, then one
     /// bit at a time (the encoder's first version, kept as the reference).
     fn bits_one_at_a_time(w: &mut BitWriter, v: u64, n: u8) {
@@ -401,13 +411,7 @@ mod tests {
 
     #[test]
     fn bits_write_exactly_what_bit_and_byte_writes_do() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..2000 {
             let start = || BitWriter {
                 bytes: vec![0, 0],
@@ -474,19 +478,13 @@ mod tests {
 
     #[test]
     fn random_round_trips() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..500 {
             let n = (next() % 121) as usize;
             let mut t = (next() % (1 << 42)) as i64;
             let mut s = Vec::new();
             for _ in 0..n {
-                t += (next() % 100_000) as i64 - if next() % 7 == 0 { 99_000 } else { 0 };
+                t += (next() % 100_000) as i64 - if next().is_multiple_of(7) { 99_000 } else { 0 };
                 let v = match next() % 4 {
                     0 => f64::from_bits(next()),
                     1 => (next() % 1000) as f64,
