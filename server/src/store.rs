@@ -64,6 +64,14 @@
 //! back. This is what keeps a batch's cost proportional to its samples: the open chunks
 //! of a million series are written once per checkpoint, not once per batch.
 //!
+//! A batch's commit does start the write-out of what it changed, though
+//! (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`: queued, not waited for), so the
+//! disk takes the store's pages as they are made. Left to the kernel they would stay
+//! dirty until the next checkpoint's fsync, which then writes everything since the last
+//! one at once: while 128k new series are indexed that is ~300 MB in one burst, and
+//! every other fsync on the disk waits behind it (an agent on the same disk saw its
+//! WAL fdatasync stall for up to 0.8 s; with the write-out started per batch, 0.1 s).
+//!
 //! Every durable commit (a checkpoint, retention) writes the changed open chunks, so
 //! `head`, `chunks` and `applied` always agree on disk. After a rollback (a failed
 //! commit reopens the database) the store's epoch changes and every ship connection
@@ -381,6 +389,10 @@ pub struct Store {
     head: Mutex<Head>,
     pub metrics: StoreMetrics,
     pub retention_ms: i64,
+    /// The database file, opened again only to start the write-out of its dirty pages
+    /// after each batch (see "Checkpoints" above). `None` if it could not be opened:
+    /// the kernel then writes them on its own schedule.
+    writeback: Option<std::fs::File>,
 }
 
 #[derive(Debug)]
@@ -617,6 +629,7 @@ impl Store {
         convert_series_v1(&tx)?;
         convert_postings_v1(&tx)?;
         tx.commit()?;
+        let writeback = std::fs::File::open(&path).ok();
         let store = Store {
             db: std::sync::RwLock::new(Some(db)),
             path,
@@ -634,6 +647,7 @@ impl Store {
             }),
             metrics: StoreMetrics::default(),
             retention_ms,
+            writeback,
         };
         {
             let mut head = store.head.lock().expect("not poisoned");
@@ -656,6 +670,24 @@ impl Store {
 
     fn begin_read(&self) -> Result<redb::ReadTransaction, ApplyError> {
         self.with_db(Database::begin_read)
+    }
+
+    /// Queues the write-out of every dirty page of the database file and returns
+    /// without waiting for it (it may wait for room in the device queue, which paces
+    /// the store to its disk). Not a durability point: only checkpoints fsync.
+    fn start_writeback(&self) {
+        let Some(f) = &self.writeback else {
+            return;
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain system call on a file descriptor this store owns and keeps
+        // open; offset 0 and length 0 mean the whole file. No memory is passed.
+        let fd = f.as_raw_fd();
+        let rc = unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        if rc != 0 {
+            // Only a hint: a failed write shows at the checkpoint's fsync.
+            tracing::debug!(error = %std::io::Error::last_os_error(), "sync_file_range");
+        }
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction, ApplyError> {
@@ -921,6 +953,7 @@ impl Store {
         self.intern(&tx, b, refs, &mut next_sid)?;
         put_next_sid(&tx, next_sid)?;
         tx.commit().map_err(storage)?;
+        self.start_writeback();
         head.next_sid = next_sid;
         head.generation += 1;
         Ok(())
@@ -1142,6 +1175,7 @@ impl Store {
             .map_err(storage)?;
         put_next_sid(&tx, next_sid)?;
         tx.commit().map_err(storage)?;
+        self.start_writeback();
         head.next_sid = next_sid;
         let m = &self.metrics;
         m.samples_appended.fetch_add(stored, Relaxed);
