@@ -318,6 +318,40 @@ fn batches_become_durable_at_checkpoints_and_queries_see_them_before() {
 }
 
 #[test]
+fn a_checkpoint_written_in_pieces_makes_every_open_chunk_durable() {
+    // More series than two checkpoint pieces (8192 series each) and a part of a third,
+    // each with one sample in its open chunk: only the checkpoint's `head` rows keep
+    // them across a restart.
+    let n = 2 * 8192 + 5;
+    let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    let label_sets: Vec<Vec<(&str, &str)>> = names
+        .iter()
+        .map(|name| vec![("__name__", name.as_str()), ("job", "pieces")])
+        .collect();
+    let series: Vec<(u32, &[(&str, &str)])> = label_sets
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u32, l.as_slice()))
+        .collect();
+    let samples: Vec<(u32, i64, u64)> = (0..n)
+        .map(|i| (i as u32, 1_000_000 + i as i64, (i as f64).to_bits()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    let mut refs = ConnRefs::default();
+    apply(&store, &batch(1, 1, &series, &samples), &mut refs).unwrap();
+    assert!(store.checkpoint().unwrap());
+    drop(store);
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    assert_eq!(store.ledger("agent-a", 0).durable, 1);
+    let reader = store.reader().unwrap();
+    for (i, name) in names.iter().enumerate() {
+        let want = vec![(1_000_000 + i as i64, (i as f64).to_bits())];
+        assert_eq!(read_with(&reader, name), want, "series {name}");
+    }
+}
+
+#[test]
 fn retention_deletes_whole_old_partitions() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), DAY_MS).unwrap();
