@@ -583,7 +583,7 @@ fn jitter(state: &mut u64, d: Duration) -> Duration {
     d.mul_f64(f)
 }
 
-impl<S: Storage> Shipper<S> {
+impl<S: Storage + 'static> Shipper<S> {
     fn m(&self) -> &crate::metrics::ShipMetrics {
         &self.metrics[self.shard as usize].ship
     }
@@ -828,10 +828,7 @@ impl<S: Storage> Shipper<S> {
     }
 
     /// Starts this shipper as a task on the current shard's executor.
-    pub fn spawn(self)
-    where
-        S: 'static,
-    {
+    pub fn spawn(self) {
         glommio::spawn_local(self.run()).detach();
     }
 
@@ -840,9 +837,14 @@ impl<S: Storage> Shipper<S> {
             return;
         }
         self.m().acked_seq.store(seq, Relaxed);
-        if let Err(e) = self.wal.ack(seq) {
-            tracing::warn!(shard = self.shard, error = %e, "could not delete acknowledged WAL segments; will retry at the next acknowledgement");
-        }
+        // Its own task: deleting waits for the disk, and the shipper need not.
+        let (wal, shard) = (self.wal.clone(), self.shard);
+        glommio::spawn_local(async move {
+            if let Err(e) = wal.ack(seq).await {
+                tracing::warn!(shard, error = %e, "could not delete acknowledged WAL segments; will retry at the next acknowledgement");
+            }
+        })
+        .detach();
     }
 }
 

@@ -103,7 +103,7 @@ fn budget_then_acknowledgement_then_room_again() {
 
         // The shipper acknowledges the first half: whole segments below it go.
         let half = acked[acked.len() / 2];
-        let deleted = wal.ack(half).unwrap();
+        let deleted = wal.ack(half).await.unwrap();
         assert!(deleted >= 1, "nothing deleted");
         let remaining = on_disk(&d);
         assert!(
@@ -186,7 +186,7 @@ fn budget_then_acknowledgement_then_room_again() {
         wal.close().await.unwrap();
         drop(wal);
         let wal = open(&d);
-        wal.ack(u64::MAX).unwrap();
+        wal.ack(u64::MAX).await.unwrap();
         drop(wal);
         let wal = open(&d);
         let p = payload(0);

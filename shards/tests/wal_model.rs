@@ -294,7 +294,7 @@ fn run(ops: Vec<Op>, fsync: Fsync) {
                 }
                 Op::Ack => {
                     let seq = wal.durable_seq();
-                    wal.ack(seq).unwrap();
+                    wal.ack(seq).await.unwrap();
                     ack_floor = seq;
                 }
                 Op::FailNextWrite => storage.fail_next_write.set(true),

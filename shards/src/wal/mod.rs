@@ -236,6 +236,8 @@ pub struct Wal<S: Storage> {
     replay_pos: Cell<Option<(u64, u64, usize)>>,
     /// Replays that had to read a whole segment and scan it (records not in sequence).
     whole_segment_reads: Cell<u64>,
+    /// [`Wal::ack`] is deleting segments.
+    retiring: Cell<bool>,
 }
 
 /// Polling step while the committer gathers records in `batch` mode.
@@ -382,6 +384,7 @@ impl<S: Storage> Wal<S> {
             recent_bytes: Cell::new(0),
             replay_pos: Cell::new(None),
             whole_segment_reads: Cell::new(0),
+            retiring: Cell::new(false),
         };
         Ok((wal, rec))
     }
@@ -679,36 +682,44 @@ impl<S: Storage> Wal<S> {
     }
 
     /// The shipper's acknowledgement: records up to `seq` are safe elsewhere. Deletes
-    /// every sealed segment that holds nothing newer. Returns the segments deleted.
-    pub fn ack(&self, seq: u64) -> std::io::Result<usize> {
-        let deletable = self
-            .state
-            .borrow()
-            .sealed
-            .front()
-            .is_some_and(|s| s.last_seq <= seq);
-        if deletable {
-            self.save_floor()?;
+    /// every sealed segment that holds nothing newer ([`Storage::retire`]). Returns the
+    /// segments deleted. One deletion runs at a time: an ack that comes while one runs
+    /// deletes nothing, and the next ack after it picks up what is left.
+    pub async fn ack(&self, seq: u64) -> std::io::Result<usize> {
+        if self.retiring.replace(true) {
+            return Ok(0);
         }
-        let mut deleted = 0;
-        loop {
-            let front = self.state.borrow().sealed.front().copied();
-            match front {
-                Some(s) if s.last_seq <= seq => {
-                    self.storage.remove(s.first_seq)?;
-                    let mut st = self.state.borrow_mut();
-                    st.sealed.pop_front();
+        // Cleared however this ends, even if the future is dropped while it waits.
+        struct Retiring<'a>(&'a Cell<bool>);
+        impl Drop for Retiring<'_> {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
+        let _retiring = Retiring(&self.retiring);
+        let (firsts, next_seq) = {
+            let st = self.state.borrow();
+            let done = st.sealed.iter().take_while(|s| s.last_seq <= seq);
+            (done.map(|s| s.first_seq).collect::<Vec<_>>(), st.next_seq)
+        };
+        if firsts.is_empty() {
+            return Ok(0);
+        }
+        let (deleted, result) = self.storage.retire(next_seq, firsts).await;
+        {
+            let mut st = self.state.borrow_mut();
+            for _ in 0..deleted {
+                // Nothing else removes sealed segments while `retiring` is set.
+                if let Some(s) = st.sealed.pop_front() {
                     st.total_bytes = st.total_bytes.saturating_sub(s.bytes);
-                    deleted += 1;
                 }
-                _ => break,
             }
         }
         self.metrics()
             .truncated_segments
             .fetch_add(deleted as u64, Relaxed);
         self.publish(&self.state.borrow());
-        Ok(deleted)
+        result.map(|()| deleted)
     }
 
     /// Interim, until the shipper acknowledges: drop the oldest sealed segments above
@@ -718,7 +729,8 @@ impl<S: Storage> Wal<S> {
             self.config.retention_bytes,
             self.config.retention_age_s * 1000,
         );
-        if bytes_max == 0 && age_max_ms == 0 {
+        // Not while [`Wal::ack`] deletes the oldest segments itself.
+        if bytes_max == 0 && age_max_ms == 0 || self.retiring.get() {
             return;
         }
         loop {
