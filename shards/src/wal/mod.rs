@@ -39,7 +39,8 @@
 //! ## Truncation
 //!
 //! [`Wal::ack`] is the shipper's acknowledgement: every sealed segment whose records are
-//! all at or below the acknowledged sequence number is deleted. Until the shipper exists,
+//! all at or below the acknowledged sequence number is deleted, on the shard's blocking
+//! thread (an unlink and directory fsyncs wait for the disk; the shard keeps serving). Until the shipper exists,
 //! `retention_bytes` / `retention_age_s` (both off by default) delete the oldest sealed
 //! segments; what they drop is counted as unshipped.
 

@@ -241,7 +241,13 @@ impl Storage for DmaStorage {
             .await
             .map_err(io::Error::from)?;
         // The new name must survive a crash before any record in it is acknowledged.
-        self.sync_dir()?;
+        // The directory fsync waits for the filesystem's journal (tens of ms when it
+        // also carries a deleted segment's freed blocks): on the blocking thread, so
+        // the shard's other connections are served meanwhile.
+        let storage = self.clone();
+        glommio::executor()
+            .spawn_blocking(move || storage.sync_dir())
+            .await?;
         let mut writer = DmaSegmentWriter {
             file,
             staged: Vec::new(),
