@@ -251,13 +251,23 @@ struct Conn<S> {
 
 impl<S> Drop for Conn<S> {
     fn drop(&mut self) {
-        let ctx = &self.ctx;
-        let shard = ctx.body_bytes_held.get() - self.held;
-        ctx.body_bytes_held.set(shard);
-        ctx.metrics().body_bytes_held.store(shard as u64, Relaxed);
+        self.set_held(0);
         if self.chunked {
-            ctx.chunked_in_flight.set(false);
+            self.ctx.chunked_in_flight.set(false);
         }
+    }
+}
+
+impl<S> Conn<S> {
+    /// Sets this connection's share of the shard's `body_bytes_held`.
+    fn set_held(&mut self, held: usize) {
+        let shard = self.ctx.body_bytes_held.get() + held - self.held;
+        self.ctx.body_bytes_held.set(shard);
+        self.ctx
+            .metrics()
+            .body_bytes_held
+            .store(shard as u64, Relaxed);
+        self.held = held;
     }
 }
 
@@ -317,16 +327,6 @@ impl<S: Sink> Conn<S> {
         }
         // Pipelined bytes beyond the kept size stay counted until they are used.
         self.set_held(self.input.len().saturating_sub(INPUT_BYTES_KEPT));
-    }
-
-    fn set_held(&mut self, held: usize) {
-        let shard = self.ctx.body_bytes_held.get() + held - self.held;
-        self.ctx.body_bytes_held.set(shard);
-        self.ctx
-            .metrics()
-            .body_bytes_held
-            .store(shard as u64, Relaxed);
-        self.held = held;
     }
 
     /// Reads more bytes into `input`; `Ok(0)` is end of stream.
