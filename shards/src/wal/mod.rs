@@ -40,9 +40,9 @@
 //!
 //! [`Wal::ack`] is the shipper's acknowledgement: every sealed segment whose records are
 //! all at or below the acknowledged sequence number is deleted, on the shard's blocking
-//! thread (an unlink and directory fsyncs wait for the disk; the shard keeps serving). Until the shipper exists,
+//! thread (an unlink and directory fsyncs wait for the disk; the shard keeps serving).
 //! `retention_bytes` / `retention_age_s` (both off by default) delete the oldest sealed
-//! segments; what they drop is counted as unshipped.
+//! segments even if unshipped; what they drop is counted as unshipped.
 
 pub mod format;
 pub mod storage;
@@ -666,12 +666,6 @@ impl<S: Storage> Wal<S> {
         self.publish(&st);
     }
 
-    /// Records the next sequence number before segments are deleted.
-    fn save_floor(&self) -> std::io::Result<()> {
-        let next = self.state.borrow().next_seq;
-        self.storage.save_floor(next)
-    }
-
     /// Updates the size gauges from the state.
     fn publish(&self, st: &State<S::Writer>) {
         let m = self.metrics();
@@ -755,10 +749,8 @@ impl<S: Storage> Wal<S> {
                 .sealed
                 .pop_front()
                 .expect("checked above");
-            if let Err(e) = self
-                .save_floor()
-                .and_then(|_| self.storage.remove(s.first_seq))
-            {
+            let next_seq = self.state.borrow().next_seq;
+            if let (_, Err(e)) = storage::retire_now(&self.storage, next_seq, &[s.first_seq]) {
                 tracing::warn!(shard = self.shard, error = %e, "WAL retention could not delete a segment");
                 self.state.borrow_mut().sealed.push_front(s);
                 break;

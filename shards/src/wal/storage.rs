@@ -63,8 +63,8 @@ pub trait SegmentWriter {
     fn close(self) -> impl Future<Output = io::Result<()>>;
 }
 
-/// The steps of [`Storage::retire`].
-fn retire_now<S: Storage + ?Sized>(
+/// The steps of [`Storage::retire`], on the calling thread.
+pub(crate) fn retire_now<S: Storage + ?Sized>(
     storage: &S,
     next_seq: u64,
     firsts: &[u64],
