@@ -397,7 +397,7 @@ pub struct Store {
     /// The database file, opened again only to start the write-out of its dirty pages
     /// after each batch (see "Checkpoints" above). `None` if it could not be opened:
     /// the kernel then writes them on its own schedule.
-    writeback: Option<std::fs::File>,
+    db_file: Option<std::fs::File>,
 }
 
 /// Open chunks written per transaction of a checkpoint (see [`Store::checkpoint`]).
@@ -646,7 +646,7 @@ impl Store {
         convert_series_v1(&tx)?;
         convert_postings_v1(&tx)?;
         tx.commit()?;
-        let writeback = std::fs::File::open(&path).ok();
+        let db_file = std::fs::File::open(&path).ok();
         let store = Store {
             db: std::sync::RwLock::new(Some(db)),
             path,
@@ -664,7 +664,7 @@ impl Store {
             }),
             metrics: StoreMetrics::default(),
             retention_ms,
-            writeback,
+            db_file,
         };
         {
             let mut head = store.head.lock().expect("not poisoned");
@@ -693,7 +693,7 @@ impl Store {
     /// [`WritebackWait::Done`] also waits until it is written. Not a durability point
     /// (no device flush, no metadata): only durable commits fsync.
     fn writeback(&self, wait: WritebackWait) {
-        let Some(f) = &self.writeback else {
+        let Some(f) = &self.db_file else {
             return;
         };
         use std::os::fd::AsRawFd;
@@ -862,25 +862,22 @@ impl Store {
     /// durable and makes the earlier pieces durable with it. The head lock is held
     /// throughout, so no batch is applied in between and `applied` is the same in all.
     fn write_head_in_pieces(&self, head: &Head) -> Result<(), ApplyError> {
-        let dirty = &head.dirty;
-        // At least one commit: `applied` may have moved with no open chunk changed.
-        let pieces = dirty.len().div_ceil(CHECKPOINT_PIECE_SERIES).max(1);
-        for i in 0..pieces {
-            let from = i * CHECKPOINT_PIECE_SERIES;
-            let piece =
-                &dirty[from.min(dirty.len())..(from + CHECKPOINT_PIECE_SERIES).min(dirty.len())];
-            let last = i + 1 == pieces;
+        let mut pieces = head.dirty.chunks(CHECKPOINT_PIECE_SERIES).peekable();
+        loop {
+            // At least one commit: `applied` may have moved with no open chunk changed.
+            let piece = pieces.next().unwrap_or_default();
+            let last = pieces.peek().is_none();
             let mut tx = self.begin_write()?;
             if !last {
                 tx.set_durability(redb::Durability::None);
             }
             Store::write_dirty_head(&tx, head, piece)?;
             tx.commit().map_err(storage)?;
-            if !last {
-                self.writeback(WritebackWait::Done);
+            if last {
+                return Ok(());
             }
+            self.writeback(WritebackWait::Done);
         }
-        Ok(())
     }
 
     /// Writes the open chunks of the series `sids` (changed since the last durable
