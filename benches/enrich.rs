@@ -16,13 +16,13 @@
 //!   with `ship.split_target_labels` on and off: on a new connection (every series and
 //!   target sent once) and in steady state (only references and samples);
 //! - ns per sample of the shipper's batch building in steady state, decoding each
-//!   record from the WAL or taking the receive path's ship-ready copy
-//!   (`promgate_shards::prepared`).
+//!   record's body or copying the ship section's columns the receive path wrote into
+//!   it (`promgate_shards::prepared`).
 
 use promgate_loadtest::{BodyTemplate, GenParams, Protocol as GenProtocol};
 use promgate_proto::{decode, ship, Batch, Decoded, Limits, Protocol, RejectCounts};
 use promgate_shards::enrich::{EnrichConfig, EnrichMetrics, Enricher};
-use promgate_shards::prepared::{Prepared, PreparedRecord, SeriesHasher};
+use promgate_shards::prepared::SeriesHasher;
 use promgate_shards::ship::BatchBuilder;
 use promgate_shards::sink::{request_payload, Accepted};
 use promgate_shards::snapshot::{merge, Labels, SnapshotCell, Target};
@@ -181,25 +181,29 @@ fn main() {
     // Ship bytes: WAL payloads with enrichment, through the shipper's batch builder.
     let enricher = Enricher::new(hit.clone(), &cfg);
     let m = EnrichMetrics::default();
-    let payloads: Vec<Vec<u8>> = batches
-        .iter()
-        .zip(&raws)
-        .zip(&bodies)
-        .map(|((b, raw), body)| {
-            let mut p = Vec::new();
-            let request = Accepted {
-                protocol: Protocol::V1,
-                compressed: body,
-                decoded: Decoded {
-                    batch: b,
-                    body: raw,
-                },
-                header_tags: &[],
-            };
-            request_payload(&mut p, &request, Some(&enricher), &m);
-            p
-        })
-        .collect();
+    let hasher = SeriesHasher::random();
+    let payloads_with = |columns: Option<&SeriesHasher>| -> Vec<Vec<u8>> {
+        batches
+            .iter()
+            .zip(&raws)
+            .zip(&bodies)
+            .map(|((b, raw), body)| {
+                let mut p = Vec::new();
+                let request = Accepted {
+                    protocol: Protocol::V1,
+                    compressed: body,
+                    decoded: Decoded {
+                        batch: b,
+                        body: raw,
+                    },
+                    header_tags: &[],
+                };
+                request_payload(&mut p, &request, Some(&enricher), columns, &m);
+                p
+            })
+            .collect()
+    };
+    let payloads = payloads_with(None);
     let samples = (BODIES * SAMPLES_PER_REQUEST) as f64;
     println!("ship bytes/sample (snappy frames), one batch per 16 requests:");
     println!(
@@ -217,7 +221,7 @@ fn main() {
                 for p in group {
                     seq += 1;
                     builder
-                        .add_record(seq, KIND_REMOTE_WRITE, PAYLOAD_VERSION, p, None)
+                        .add_record(seq, KIND_REMOTE_WRITE, PAYLOAD_VERSION, p)
                         .unwrap();
                 }
                 let mut frame = Vec::new();
@@ -243,40 +247,30 @@ fn main() {
     );
 
     // Shipper work per sample in steady state (every series known on the connection):
-    // decoding each record from its WAL bytes, or taking the receive path's copy.
-    let prepared = Prepared::new(SeriesHasher::random(), usize::MAX);
-    let copies: Vec<PreparedRecord> = batches
-        .iter()
-        .zip(&raws)
-        .enumerate()
-        .map(|(i, (b, raw))| {
-            let seq = i as u64 + 1;
-            prepared.insert(
-                seq,
-                &Decoded {
-                    batch: b,
-                    body: raw,
-                },
-            );
-            prepared.take(seq).unwrap()
-        })
-        .collect();
-    let mut builder = BatchBuilder::new("agent-1#e", 0, true, prepared.hasher());
-    let pass = |builder: &mut BatchBuilder, with_copies: bool| {
+    // decoding each record's body, or copying its ship section's columns.
+    let with_columns = payloads_with(Some(&hasher));
+    let mut builder = BatchBuilder::new("agent-1#e", 0, true, hasher);
+    let pass = |builder: &mut BatchBuilder, payloads: &[Vec<u8>]| {
         builder.reset();
         for (i, p) in payloads.iter().enumerate() {
-            let copy = with_copies.then(|| &copies[i]);
             builder
-                .add_record(i as u64 + 1, KIND_REMOTE_WRITE, PAYLOAD_VERSION, p, copy)
+                .add_record(i as u64 + 1, KIND_REMOTE_WRITE, PAYLOAD_VERSION, p)
                 .unwrap();
         }
         assert_eq!(builder.batch.sample_refs.len(), samples as usize);
     };
-    pass(&mut builder, false);
-    let t_decoded = median_ns_per(samples as usize, || pass(&mut builder, false));
-    let t_copied = median_ns_per(samples as usize, || pass(&mut builder, true));
+    pass(&mut builder, &payloads);
+    let t_decoded = median_ns_per(samples as usize, || pass(&mut builder, &payloads));
+    let t_copied = median_ns_per(samples as usize, || pass(&mut builder, &with_columns));
     assert!(builder.batch.new_series.is_empty());
+    assert_eq!(builder.copied_records as usize, with_columns.len());
+    let extra = with_columns.iter().map(Vec::len).sum::<usize>()
+        - payloads.iter().map(Vec::len).sum::<usize>();
     println!("shipper batch building, ns/sample (median of {RUNS} runs, all series known):");
-    println!("  from the WAL record (snappy + decode + hash) {t_decoded:>6.1}");
-    println!("  from the receive path's copy                 {t_copied:>6.1}");
+    println!("  from the record's body (snappy + decode + hash) {t_decoded:>6.1}");
+    println!("  from the record's ship section                 {t_copied:>6.1}");
+    println!(
+        "  the ship sections add {:.1} bytes/sample to the WAL",
+        extra as f64 / samples
+    );
 }

@@ -167,7 +167,7 @@ pub struct ShipSection {
     pub backoff_max_ms: Option<u64>,
     pub reply_timeout_ms: Option<u64>,
     pub split_target_labels: Option<bool>,
-    pub prepared_samples_max: Option<usize>,
+    pub columns_in_wal: Option<bool>,
 }
 
 /// The server's settings: `promgate server`'s file, and the embedded server's.
@@ -600,10 +600,7 @@ impl AgentConfig {
                 .ship
                 .split_target_labels
                 .unwrap_or(sd.split_target_labels),
-            prepared_samples_max: file
-                .ship
-                .prepared_samples_max
-                .unwrap_or(sd.prepared_samples_max),
+            columns_in_wal: file.ship.columns_in_wal.unwrap_or(sd.columns_in_wal),
         };
         if ship.batch_samples_max == 0 {
             bail!("ship.batch_samples_max must be positive");

@@ -7,7 +7,7 @@ mod inspect;
 
 use clap::{Parser, Subcommand};
 use config::{AgentConfig, AgentFlags, ServerFlags};
-use promgate_shards::prepared::{Prepared, SeriesHasher};
+use promgate_shards::prepared::SeriesHasher;
 use promgate_shards::sink::WalSink;
 use promgate_shards::wal::storage::DmaStorage;
 use promgate_shards::wal::Wal;
@@ -212,16 +212,13 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
             tracing::error!(shard, segment, reason = %why, "unreadable WAL segment left in place");
         }
         let wal = std::rc::Rc::new(wal);
-        let prepared = std::rc::Rc::new(Prepared::new(
-            SeriesHasher::random(),
-            ship_config.prepared_samples_max,
-        ));
+        let hasher = SeriesHasher::random();
         promgate_shards::ship::Shipper {
             shard: shard as u32,
             wal: wal.clone(),
             config: ship_config.clone(),
             metrics: metrics.clone(),
-            prepared: prepared.clone(),
+            hasher,
         }
         .spawn();
         Ok(WalSink {
@@ -229,7 +226,7 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
             enricher: Some(Enricher::new(snapshot.clone(), &enrich_config)),
             metrics: metrics.clone(),
             shard,
-            prepared: Some(prepared),
+            hasher: ship_config.columns_in_wal.then_some(hasher),
         })
     })
 }

@@ -15,17 +15,18 @@
 //!   with a `u32` reference, its target's labels and tags once per connection for all
 //!   the target's series (`ship.split_target_labels`); samples carry only the series'
 //!   reference. A series keeps the tags it was first shipped with on a connection.
-//! - **No second decode in steady state.** A record whose ship-ready copy the receive
-//!   path left (`crate::prepared`) and whose series are all known on the connection is
-//!   added from the copy's columns; only the rest is decoded from the WAL again.
+//! - **No second decode in steady state.** A record whose ship section (written by the
+//!   receive path, `crate::prepared`) was made with this process's keys and whose series
+//!   are all known on the connection is added from the section's columns; only the rest
+//!   is decoded from the record's body again.
 //! - **Back-off.** A failed connect, an I/O error, a timeout or an error frame closes the
 //!   connection and retries after a capped, jittered exponential delay. Meanwhile the
 //!   receive path is untouched: the WAL absorbs the difference until its budget, then the
 //!   receiver answers 503 with `Retry-After`.
 
 use crate::metrics::ShardMetrics;
-use crate::prepared::{Prepared, PreparedRecord, SeriesHasher};
-use crate::wal::format::{Enrichment, RemoteWritePayload, KIND_REMOTE_WRITE};
+use crate::prepared::SeriesHasher;
+use crate::wal::format::{Enrichment, RemoteWritePayload, ShipSection, KIND_REMOTE_WRITE};
 use crate::wal::storage::Storage;
 use crate::wal::Wal;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -62,8 +63,8 @@ pub struct ShipConfig {
     pub reply_timeout: Duration,
     /// Send target labels once per target rather than in every series' label set.
     pub split_target_labels: bool,
-    /// Samples per shard held as ship-ready copies (`crate::prepared`).
-    pub prepared_samples_max: usize,
+    /// The receive path writes ship sections (`crate::prepared`) into WAL records.
+    pub columns_in_wal: bool,
 }
 
 impl Default for ShipConfig {
@@ -78,7 +79,7 @@ impl Default for ShipConfig {
             backoff_max: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
             split_target_labels: true,
-            prepared_samples_max: 100_000,
+            columns_in_wal: true,
         }
     }
 }
@@ -282,14 +283,14 @@ pub struct BatchBuilder {
     split: bool,
     /// Per record: its targets' connection references, resolved on first use.
     record_refs: Vec<Option<u32>>,
-    /// Per prepared record: its series' references.
+    /// Per record added from its ship section: its series' references.
     series_refs: Vec<u32>,
-    /// Records of the current batch added from their ship-ready copy.
+    /// Records of the current batch added from their ship section.
     pub copied_records: u64,
 }
 
 impl BatchBuilder {
-    /// `hasher` must be the one the shard's receive path prepares records with.
+    /// `hasher` must be the one the shard's receive path writes ship sections with.
     pub fn new(agent: &str, shard: u32, split_target_labels: bool, hasher: SeriesHasher) -> Self {
         let mut b = BatchBuilder {
             refs: HashMap::default(),
@@ -388,16 +389,15 @@ impl BatchBuilder {
         r
     }
 
-    /// Adds one WAL record, from `prepared` (its ship-ready copy) when that is given and
-    /// all its series are known on this connection, else by decoding the record. Returns
-    /// an error (and adds nothing) if it cannot be read.
+    /// Adds one WAL record, from its ship section when that was written with this
+    /// builder's keys and all its series are known on this connection, else by decoding
+    /// the record's body. Returns an error (and adds nothing) if it cannot be read.
     pub fn add_record(
         &mut self,
         seq: u64,
         kind: u8,
         format: u8,
         payload: &[u8],
-        prepared: Option<&PreparedRecord>,
     ) -> Result<(), String> {
         if self.batch.first_seq == 0 {
             self.batch.first_seq = seq;
@@ -408,8 +408,10 @@ impl BatchBuilder {
         }
         let record = RemoteWritePayload::parse(format, payload)?;
         let e = Enrichment::parse(record.enrichment)?;
-        if let Some(p) = prepared.filter(|p| p.seq == seq) {
-            if self.add_prepared(&e, !record.enrichment.is_empty(), p) {
+        // A malformed section is only a lost shortcut: the body is the truth.
+        let section = ShipSection::parse(record.ship).ok().flatten();
+        if let Some(c) = section.filter(|c| c.key_id == self.hasher.id()) {
+            if self.add_columns(&e, !record.enrichment.is_empty(), &c) {
                 self.copied_records += 1;
                 return Ok(());
             }
@@ -451,25 +453,25 @@ impl BatchBuilder {
         self.record_refs.resize(e.targets.len() + 1, None);
     }
 
-    /// A prepared record whose series are all known on this connection: its sample
-    /// columns go into the batch as they are. `false` (and nothing added, bar targets
-    /// new to the connection) when a series is new or the copy does not match the
-    /// record.
-    fn add_prepared(&mut self, e: &Enrichment<'_>, enriched: bool, p: &PreparedRecord) -> bool {
-        if enriched && e.series() != p.fingerprints.len() {
+    /// A record whose series are all known on this connection: its ship section's
+    /// sample columns go into the batch as they are. `false` (and nothing added, bar
+    /// targets new to the connection) when a series is new or the section does not
+    /// match the record.
+    fn add_columns(&mut self, e: &Enrichment<'_>, enriched: bool, p: &ShipSection<'_>) -> bool {
+        if enriched && e.series() != p.series() {
             return false;
         }
         self.start_record(e);
         let mut series_refs = std::mem::take(&mut self.series_refs);
         series_refs.clear();
         let mut known = true;
-        for (i, fp) in p.fingerprints.iter().enumerate() {
-            if p.samples(i).0.is_empty() {
+        for i in 0..p.series() {
+            if p.samples(i).is_empty() {
                 series_refs.push(u32::MAX);
                 continue;
             }
             let (_, target_ref) = self.series_target_ref(e, i);
-            match self.refs.get(&split_key(*fp, target_ref)) {
+            match self.refs.get(&split_key(p.fingerprint(i), target_ref)) {
                 Some(r) => series_refs.push(*r),
                 None => {
                     known = false;
@@ -480,11 +482,11 @@ impl BatchBuilder {
         if known {
             let b = &mut self.batch;
             for (i, r) in series_refs.iter().enumerate() {
-                let (ts, values) = p.samples(i);
+                let samples = p.samples(i);
                 if *r != u32::MAX {
-                    b.sample_refs.extend(std::iter::repeat_n(*r, ts.len()));
-                    b.sample_ts.extend_from_slice(ts);
-                    b.sample_values.extend_from_slice(values);
+                    b.sample_refs.extend(std::iter::repeat_n(*r, samples.len()));
+                    b.sample_ts.extend(p.timestamps(samples.clone()));
+                    b.sample_values.extend(p.values(samples));
                 }
             }
         }
@@ -569,8 +571,8 @@ pub struct Shipper<S: Storage> {
     pub wal: Rc<Wal<S>>,
     pub config: ShipConfig,
     pub metrics: Arc<Vec<ShardMetrics>>,
-    /// Ship-ready copies of the records, left by the shard's receive path.
-    pub prepared: Rc<Prepared>,
+    /// The fingerprint keys the shard's receive path writes ship sections with.
+    pub hasher: SeriesHasher,
 }
 
 /// A small xorshift for back-off jitter (no need for a crate).
@@ -679,7 +681,7 @@ impl<S: Storage + 'static> Shipper<S> {
             &self.config.agent_id,
             self.shard,
             self.config.split_target_labels,
-            self.prepared.hasher(),
+            self.hasher,
         );
         loop {
             // Wait for durable records at or after `next`. Meanwhile, if the server has
@@ -725,11 +727,7 @@ impl<S: Storage + 'static> Shipper<S> {
                 let slice_end = builder.items() + slice;
                 let (mut full, mut sliced, mut last) = (false, false, None);
                 self.wal.replay(from, |seq, kind, format, payload| {
-                    let prepared = self.prepared.take(seq);
-                    let added = builder.add_record(seq, kind, format, payload, prepared.as_ref());
-                    if let Some(p) = prepared {
-                        self.prepared.give_back(p);
-                    }
+                    let added = builder.add_record(seq, kind, format, payload);
                     if let Err(e) = added {
                         skipped += 1;
                         tracing::error!(shard = self.shard, seq, error = %e, "a WAL record cannot be read back; it is skipped");

@@ -6,7 +6,7 @@
 
 use crate::enrich::{EnrichMetrics, Enricher};
 use crate::metrics::ShardMetrics;
-use crate::prepared::Prepared;
+use crate::prepared::{put_ship_section, SeriesHasher};
 use crate::wal::format::{remote_write_payload, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
 use crate::wal::storage::Storage;
 use crate::wal::{Wal, WalError};
@@ -102,9 +102,10 @@ pub struct WalSink<S: Storage> {
     pub enricher: Option<Enricher>,
     pub metrics: std::sync::Arc<Vec<ShardMetrics>>,
     pub shard: usize,
-    /// Shared with the shard's shipper: ship-ready copies of the records (`None`: the
-    /// shipper decodes every record from the WAL).
-    pub prepared: Option<std::rc::Rc<Prepared>>,
+    /// The shard's fingerprint keys, shared with its shipper: records carry ship-ready
+    /// columns (`crate::prepared`). `None`: they do not, and the shipper decodes every
+    /// record's body.
+    pub hasher: Option<SeriesHasher>,
 }
 
 /// The protocol byte of WAL payloads.
@@ -116,11 +117,13 @@ pub fn protocol_byte(p: Protocol) -> u8 {
 }
 
 /// Writes the WAL payload of one accepted request: its refused series, its enrichment
-/// (none without an enricher) and its body as received.
+/// (none without an enricher), its ship-ready columns (none without a hasher) and its
+/// body as received.
 pub fn request_payload(
     out: &mut Vec<u8>,
     request: &Accepted<'_>,
     enricher: Option<&Enricher>,
+    hasher: Option<&SeriesHasher>,
     metrics: &EnrichMetrics,
 ) {
     remote_write_payload(
@@ -132,23 +135,31 @@ pub fn request_payload(
                 e.section(&request.decoded, request.header_tags, metrics, o)
             }
         },
+        |o| {
+            if let Some(h) = hasher {
+                put_ship_section(o, h, &request.decoded)
+            }
+        },
         request.compressed,
     )
 }
 
 impl<S: Storage> Sink for WalSink<S> {
-    /// The WAL record (request, enrichment) is queued for the next group commit and the
-    /// ship-ready copy made; the ticket is the record's sequence number.
+    /// The WAL record (request, enrichment, ship-ready columns) is queued for the next
+    /// group commit; the ticket is the record's sequence number.
     fn accept(&self, request: Accepted<'_>) -> Result<u64, SinkError> {
         let metrics = &self.metrics[self.shard].enrich;
         let seq = self
             .wal
             .enqueue(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |out| {
-                request_payload(out, &request, self.enricher.as_ref(), metrics)
+                request_payload(
+                    out,
+                    &request,
+                    self.enricher.as_ref(),
+                    self.hasher.as_ref(),
+                    metrics,
+                )
             })?;
-        if let Some(p) = &self.prepared {
-            p.insert(seq, &request.decoded);
-        }
         Ok(seq)
     }
 

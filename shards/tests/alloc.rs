@@ -14,7 +14,7 @@
 use promgate_loadtest::{BodyTemplate, GenParams, Protocol as GenProtocol};
 use promgate_proto::{decode, Batch, Decoded, Limits, Protocol, RejectCounts};
 use promgate_shards::enrich::{EnrichConfig, EnrichMetrics, Enricher};
-use promgate_shards::prepared::{Prepared, SeriesHasher};
+use promgate_shards::prepared::SeriesHasher;
 use promgate_shards::ship::BatchBuilder;
 use promgate_shards::sink::{request_payload, Accepted};
 use promgate_shards::snapshot::{merge, Labels, SnapshotCell, Target};
@@ -126,8 +126,7 @@ fn receive_path_allocates_nothing_per_request_once_warm() {
     let enricher = Enricher::new(cell, &cfg());
     let metrics = EnrichMetrics::default();
     let mut payload = Vec::new();
-    let prepared = Prepared::new(SeriesHasher::random(), 1 << 20);
-    let mut seq = 0;
+    let hasher = SeriesHasher::random();
     let mut request = |body: &Vec<u8>| {
         let n = snappy.decompress(body, &mut raw).unwrap();
         decode(Protocol::V1, &raw[..n], &limits, &mut batch, &mut reasons).unwrap();
@@ -143,12 +142,13 @@ fn receive_path_allocates_nothing_per_request_once_warm() {
             header_tags: &[],
         };
         payload.clear();
-        request_payload(&mut payload, &request, Some(&enricher), &metrics);
-        // The copy, and the shipper taking it and giving its buffers back.
-        seq += 1;
-        assert!(prepared.insert(seq, &d));
-        let copy = prepared.take(seq).unwrap();
-        prepared.give_back(copy);
+        request_payload(
+            &mut payload,
+            &request,
+            Some(&enricher),
+            Some(&hasher),
+            &metrics,
+        );
     };
     for _ in 0..3 {
         bodies.iter().for_each(&mut request);
@@ -164,13 +164,12 @@ fn receive_path_allocates_nothing_per_request_once_warm() {
 
 /// Allocations per record of `series_per_body` samples, shipping the same records again
 /// and again on one connection (every series known after the first pass).
-fn ship_allocations_per_record(series_per_body: usize, with_copies: bool) -> u64 {
+fn ship_allocations_per_record(series_per_body: usize, with_columns: bool) -> u64 {
     let bodies = bodies(series_per_body, 4);
     let limits = Limits::default();
     let enricher = Enricher::new(Arc::new(SnapshotCell::default()), &cfg());
     let metrics = EnrichMetrics::default();
-    let prepared = Prepared::new(SeriesHasher::random(), usize::MAX);
-    let mut copies = Vec::new();
+    let hasher = SeriesHasher::random();
     let payloads: Vec<Vec<u8>> = bodies
         .iter()
         .map(|body| {
@@ -195,19 +194,17 @@ fn ship_allocations_per_record(series_per_body: usize, with_copies: bool) -> u64
                 header_tags: &[],
             };
             let mut p = Vec::new();
-            request_payload(&mut p, &request, Some(&enricher), &metrics);
-            prepared.insert(copies.len() as u64 + 1, &d);
-            copies.push(prepared.take(copies.len() as u64 + 1).unwrap());
+            let columns = with_columns.then_some(&hasher);
+            request_payload(&mut p, &request, Some(&enricher), columns, &metrics);
             p
         })
         .collect();
-    let mut b = BatchBuilder::new("agent-1#e", 0, true, prepared.hasher());
-    // The same records (same sequence numbers) again and again: the copies match.
+    let mut b = BatchBuilder::new("agent-1#e", 0, true, hasher);
+    // The same records again and again.
     let pass = |b: &mut BatchBuilder| {
         b.reset();
         for (i, p) in payloads.iter().enumerate() {
-            let copy = with_copies.then(|| &copies[i]);
-            b.add_record(i as u64 + 1, KIND_REMOTE_WRITE, PAYLOAD_VERSION, p, copy)
+            b.add_record(i as u64 + 1, KIND_REMOTE_WRITE, PAYLOAD_VERSION, p)
                 .unwrap();
         }
     };
@@ -222,22 +219,22 @@ fn ship_allocations_per_record(series_per_body: usize, with_copies: bool) -> u64
     });
     assert!(b.batch.new_series.is_empty());
     assert_eq!(b.batch.sample_refs.len(), 4 * series_per_body);
-    assert_eq!(b.copied_records, if with_copies { 4 } else { 0 });
+    assert_eq!(b.copied_records, if with_columns { 4 } else { 0 });
     n / 40
 }
 
 #[test]
 fn shipping_allocates_per_record_not_per_sample() {
-    for with_copies in [false, true] {
-        let small = ship_allocations_per_record(200, with_copies);
-        let large = ship_allocations_per_record(2000, with_copies);
+    for with_columns in [false, true] {
+        let small = ship_allocations_per_record(200, with_columns);
+        let large = ship_allocations_per_record(2000, with_columns);
         assert_eq!(
             small, large,
-            "allocations per record grow with its samples: {small} at 200, {large} at 2000 (copies: {with_copies})"
+            "allocations per record grow with its samples: {small} at 200, {large} at 2000 (columns: {with_columns})"
         );
         assert!(
             large <= 8,
-            "{large} allocations per record (copies: {with_copies})"
+            "{large} allocations per record (columns: {with_columns})"
         );
     }
 }

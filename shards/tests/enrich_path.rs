@@ -8,7 +8,7 @@
 use promgate_proto::messages::v1;
 use promgate_proto::{decode, Batch, Decoded, Limits, Protocol, RejectCounts};
 use promgate_shards::enrich::{enrich, EnrichConfig, EnrichMetrics, Enricher};
-use promgate_shards::prepared::{Prepared, PreparedRecord, SeriesHasher};
+use promgate_shards::prepared::SeriesHasher;
 use promgate_shards::ship::BatchBuilder;
 use promgate_shards::sink::{request_payload, Accepted};
 use promgate_shards::snapshot::{merge, Labels, SnapshotCell, Target};
@@ -159,19 +159,18 @@ proptest! {
         let body = snap::raw::Encoder::new().compress_vec(&raw).unwrap();
         let mut payload = Vec::new();
         let request = Accepted { protocol: Protocol::V1, compressed: &body, decoded: d, header_tags: &[] };
-        request_payload(&mut payload, &request, Some(&enricher), &metrics);
+        let hasher = SeriesHasher::random();
+        request_payload(&mut payload, &request, Some(&enricher), Some(&hasher), &metrics);
 
-        // Ship: the builder reads the record back. Its ship-ready copy is offered, but
-        // every series is new on the connection, so the record is decoded.
-        let prepared = Prepared::new(SeriesHasher::random(), 1 << 20);
-        let mut b = BatchBuilder::new("agent-7#e", 0, split, prepared.hasher());
-        prepared.insert(1, &d);
-        let copy = prepared.take(1);
-        b.add_record(1, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &payload, copy.as_ref()).unwrap();
+        // Ship: the builder reads the record back. It has a ship section, but every
+        // series is new on the connection, so the record is decoded.
+        let mut b = BatchBuilder::new("agent-7#e", 0, split, hasher);
+        b.add_record(1, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &payload).unwrap();
+        prop_assert_eq!(b.copied_records, 0);
         let out = b.batch.clone();
-        // Again, from the copy now (all series known): the same samples, nothing new.
+        // Again, from the section now (all series known): the same samples, nothing new.
         b.reset();
-        b.add_record(2, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &payload, copy.as_ref().map(|c| PreparedRecord { seq: 2, ..c.clone() }).as_ref()).unwrap();
+        b.add_record(2, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &payload).unwrap();
         prop_assert!(b.batch.new_series.is_empty() && b.batch.new_targets.is_empty());
         prop_assert_eq!(b.copied_records, 1);
         prop_assert_eq!(&b.batch.sample_refs, &out.sample_refs);
@@ -256,6 +255,7 @@ fn a_series_is_resent_when_its_target_becomes_known() {
         batch: &batch,
         body: &raw,
     };
+    let hasher = SeriesHasher::random();
     let record = |enricher: &Enricher| {
         let request = Accepted {
             protocol: Protocol::V1,
@@ -264,24 +264,15 @@ fn a_series_is_resent_when_its_target_becomes_known() {
             header_tags: &[],
         };
         let mut p = Vec::new();
-        request_payload(&mut p, &request, Some(enricher), &metrics);
+        request_payload(&mut p, &request, Some(enricher), Some(&hasher), &metrics);
         p
     };
-    // Each record also comes with its ship-ready copy, as the receive path leaves them.
-    let prepared = Prepared::new(SeriesHasher::random(), 1 << 20);
-    let mut b = BatchBuilder::new("a#e", 0, true, prepared.hasher());
+    // Each record also has its ship section, as the receive path writes them.
+    let mut b = BatchBuilder::new("a#e", 0, true, hasher);
     let add = |b: &mut BatchBuilder, seq: u64| {
         let payload = record(&enricher);
-        prepared.insert(seq, &d);
-        let copy = prepared.take(seq).expect("prepared");
-        b.add_record(
-            seq,
-            KIND_REMOTE_WRITE,
-            PAYLOAD_VERSION,
-            &payload,
-            Some(&copy),
-        )
-        .unwrap();
+        b.add_record(seq, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &payload)
+            .unwrap();
     };
     add(&mut b, 1);
     assert_eq!(b.batch.new_series.len(), 1);
@@ -310,4 +301,14 @@ fn a_series_is_resent_when_its_target_becomes_known() {
         (metrics.hits.load(Relaxed), metrics.misses.load(Relaxed)),
         (1, 2)
     );
+    // Ship sections written under other keys (before the agent restarted) are not
+    // trusted: every record is decoded, and ships the same samples.
+    let mut other = BatchBuilder::new("a#e", 0, true, SeriesHasher::random());
+    for seq in [10, 11] {
+        other.reset();
+        add(&mut other, seq);
+        assert_eq!(other.copied_records, 0);
+        assert_eq!(other.batch.sample_refs, vec![0]);
+        assert_eq!(other.batch.sample_ts, b.batch.sample_ts);
+    }
 }
