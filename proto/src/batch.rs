@@ -55,6 +55,11 @@ pub struct Series {
     pub index: u32,
     /// Into [`Batch::labels`]; sorted by name, validated.
     pub labels: Run,
+    /// 1.0 only: the body bytes of the series' label fields when they follow each other
+    /// with nothing between, which alone determine its labels (so a hash of them
+    /// identifies the label set without copying it out). Empty otherwise (2.0, or other
+    /// fields between the labels).
+    pub label_bytes: Span,
     pub samples: Run,
     pub histograms: Run,
     pub exemplars: Run,

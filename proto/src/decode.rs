@@ -210,12 +210,21 @@ fn v1_series(
     // by deferring the other parts to a second pass over the same bytes.
     let start = r.snapshot();
     let mut second_pass = false;
+    // The label fields' byte range, while each starts where the one before ended.
+    let (mut label_bytes, mut contiguous) = (Span::default(), true);
     while !r.at_end() {
+        let at = r.offset();
         let (field, wt) = r.key()?;
         match field {
             1 => {
                 Reader::expect(field, wt, LEN)?;
                 batch.labels.push(v1_label(r.message()?)?);
+                if label_bytes.len == 0 {
+                    label_bytes.start = at;
+                } else if label_bytes.start + label_bytes.len != at {
+                    contiguous = false;
+                }
+                label_bytes.len = r.offset() - label_bytes.start;
             }
             2 => {
                 Reader::expect(field, wt, LEN)?;
@@ -287,6 +296,11 @@ fn v1_series(
     let series = Series {
         index,
         labels,
+        label_bytes: if contiguous {
+            label_bytes
+        } else {
+            Span::default()
+        },
         samples,
         histograms: Run {
             start: histograms_start,
@@ -694,6 +708,7 @@ fn v2_series(
     let mut series = Series {
         index,
         labels,
+        label_bytes: Span::default(),
         samples: Run {
             start: samples_start,
             end: batch.samples.len() as u32,

@@ -69,6 +69,11 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// The body offset of the next byte to read.
+    pub fn offset(&self) -> u32 {
+        self.base + self.pos as u32
+    }
+
     pub fn at_end(&self) -> bool {
         self.pos >= self.data.len()
     }

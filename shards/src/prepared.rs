@@ -24,10 +24,15 @@
 //!   way it came.
 
 use crate::wal::format::put_ship_header;
-use promgate_proto::batch::Run;
+use promgate_proto::batch::{Run, Series};
 use promgate_proto::Decoded;
 use siphasher::sip128::{Hasher128, SipHasher13};
 use std::hash::Hasher;
+
+/// First byte of a fingerprint's stream: label fields as they were in the body ...
+const DOMAIN_BODY_BYTES: u8 = 1;
+/// ... or length-prefixed names and values.
+const DOMAIN_LENGTH_PREFIXED: u8 = 0;
 
 /// The per-shard keyed hash of series label sets.
 #[derive(Clone, Copy)]
@@ -53,7 +58,25 @@ impl SeriesHasher {
         self.id
     }
 
-    /// The fingerprint of one series' label set, from its raw bytes (the request was
+    /// The fingerprint of one series' label set. From its label fields' bytes in the
+    /// body as they are when it has them ([`Series::label_bytes`], 1.0: those bytes
+    /// determine the labels, so different sets never feed the same stream), else from
+    /// [`Self::labels`]. A leading domain byte keeps the two kinds of stream apart. The
+    /// same set sent in two encodings gets two fingerprints; that costs a second series
+    /// reference on a ship connection (the server stores both under one series), never
+    /// a merge. Hashing the body's bytes in one write saves staging them: about a fifth
+    /// of the fingerprint's cost.
+    pub fn series(&self, d: &Decoded<'_>, s: &Series) -> u128 {
+        if s.label_bytes.len == 0 {
+            return self.labels(d, s.labels);
+        }
+        let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        h.write_u8(DOMAIN_BODY_BYTES);
+        h.write(d.bytes(s.label_bytes));
+        h.finish128().as_u128()
+    }
+
+    /// The fingerprint of a label set from its names and values (the request was
     /// validated when it was received, so no UTF-8 check here). Lengths go in before
     /// bytes, so no two different sets feed the same stream. The stream is staged in a
     /// stack buffer and hashed in few large writes: SipHash's per-write cost would
@@ -61,7 +84,8 @@ impl SeriesHasher {
     pub fn labels(&self, d: &Decoded<'_>, labels: Run) -> u128 {
         let mut h = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
         let mut buf = [0u8; 512];
-        let mut at = 0;
+        buf[0] = DOMAIN_LENGTH_PREFIXED;
+        let mut at = 1;
         for l in &d.batch.labels[labels.range()] {
             for s in [d.bytes(l.name), d.bytes(l.value)] {
                 if at + 4 + s.len() > buf.len() {
@@ -96,7 +120,7 @@ pub fn put_ship_section(out: &mut Vec<u8>, hasher: &SeriesHasher, d: &Decoded<'_
     put_ship_header(out, hasher.id(), b.series.len(), samples);
     out.reserve(20 * b.series.len() + 16 * samples);
     for s in &b.series {
-        out.extend_from_slice(&hasher.labels(d, s.labels).to_le_bytes());
+        out.extend_from_slice(&hasher.series(d, s).to_le_bytes());
     }
     let mut end = 0u32;
     for s in &b.series {
@@ -178,7 +202,7 @@ mod tests {
         assert_eq!((s.key_id, s.series()), (hasher.id(), 3));
         assert_eq!(s.fingerprint(0), s.fingerprint(2));
         assert_ne!(s.fingerprint(0), s.fingerprint(1));
-        assert_eq!(s.fingerprint(1), hasher.labels(&d, batch.series[1].labels));
+        assert_eq!(s.fingerprint(1), hasher.series(&d, &batch.series[1]));
         assert_eq!(s.samples(1), 1..2);
         assert_eq!(s.timestamps(s.samples(1)).collect::<Vec<_>>(), vec![5]);
         assert_eq!(
@@ -187,7 +211,7 @@ mod tests {
         );
         // Another hasher gives other fingerprints and another id.
         let other = SeriesHasher::random();
-        assert_ne!(other.labels(&d, batch.series[0].labels), s.fingerprint(0));
+        assert_ne!(other.series(&d, &batch.series[0]), s.fingerprint(0));
         assert_ne!(other.id(), hasher.id());
         // Every truncation or cut of a count is an error, never a panic.
         for cut in 1..out.len() - 1 {
@@ -215,7 +239,8 @@ mod tests {
     /// value, whatever the lengths (filling the stage buffer exactly, or longer than it).
     #[test]
     fn fingerprints_hash_the_length_prefixed_stream() {
-        let lengths = [1usize, 7, 200, 487, 488, 489, 505, 600, 1500];
+        let mut lengths = vec![1usize, 7, 200, 505, 600, 1500];
+        lengths.extend(476..=492);
         let jobs: Vec<String> = lengths.iter().map(|n| "x".repeat(*n)).collect();
         let series: Vec<(&str, f64)> = jobs.iter().map(|j| (j.as_str(), 1.0)).collect();
         let raw = request(&series);
@@ -227,7 +252,7 @@ mod tests {
         };
         let hasher = SeriesHasher::random();
         for (s, job) in batch.series.iter().zip(&jobs) {
-            let mut stream = Vec::new();
+            let mut stream = vec![DOMAIN_LENGTH_PREFIXED];
             for text in ["__name__", "up", "job", job.as_str()] {
                 stream.extend_from_slice(&(text.len() as u32).to_le_bytes());
                 stream.extend_from_slice(text.as_bytes());
@@ -241,5 +266,60 @@ mod tests {
                 job.len()
             );
         }
+    }
+
+    /// A 1.0 series whose label fields follow each other is hashed from those bytes
+    /// as they are; one with a sample between its labels from its names and values.
+    #[test]
+    fn fingerprints_hash_contiguous_label_fields_as_they_are_in_the_body() {
+        use promgate_proto::messages::v1;
+        use prost::Message;
+        let label = |n: &str, v: &str| {
+            v1::Label {
+                name: n.into(),
+                value: v.into(),
+            }
+            .encode_to_vec()
+        };
+        let field = |key: u8, m: &[u8]| {
+            let mut f = vec![key, m.len() as u8];
+            f.extend_from_slice(m);
+            f
+        };
+        let sample = v1::Sample {
+            value: 1.0,
+            timestamp: 5,
+        }
+        .encode_to_vec();
+        let (name, job) = (
+            field(0x0a, &label("__name__", "up")),
+            field(0x0a, &label("job", "a")),
+        );
+        let series = |parts: &[&[u8]]| field(0x0a, &parts.concat());
+        let raw = [
+            series(&[&name, &job, &field(0x12, &sample)]),
+            series(&[&name, &field(0x12, &sample), &job]),
+        ]
+        .concat();
+        let mut batch = Batch::default();
+        decoded(&raw, &mut batch);
+        let d = Decoded {
+            batch: &batch,
+            body: &raw,
+        };
+        let (together, apart) = (&batch.series[0], &batch.series[1]);
+        assert_eq!(
+            d.bytes(together.label_bytes),
+            [&name[..], &job[..]].concat()
+        );
+        assert_eq!(apart.label_bytes.len, 0);
+        let hasher = SeriesHasher::random();
+        let mut h = SipHasher13::new_with_keys(hasher.keys.0, hasher.keys.1);
+        h.write(&[DOMAIN_BODY_BYTES]);
+        h.write(&[&name[..], &job[..]].concat());
+        assert_eq!(hasher.series(&d, together), h.finish128().as_u128());
+        assert_eq!(hasher.series(&d, apart), hasher.labels(&d, apart.labels));
+        // The same label set, two streams: two fingerprints (never one for two sets).
+        assert_ne!(hasher.series(&d, together), hasher.series(&d, apart));
     }
 }

@@ -330,11 +330,12 @@ impl BatchBuilder {
     fn series_ref(
         &mut self,
         d: &Decoded<'_>,
-        labels: promgate_proto::batch::Run,
+        s: &promgate_proto::batch::Series,
         target_ref: u32,
         target_labels: &[(&str, &str)],
     ) -> u32 {
-        let key = split_key(self.hasher.labels(d, labels), target_ref);
+        let labels = s.labels;
+        let key = split_key(self.hasher.series(d, s), target_ref);
         if let Some(r) = self.refs.get(&key) {
             return *r;
         }
@@ -508,7 +509,7 @@ impl BatchBuilder {
                 Some(i) if self.split => &e.targets[i].labels[..],
                 _ => &[][..],
             };
-            let r = self.series_ref(&d, s.labels, target_ref, target_labels);
+            let r = self.series_ref(&d, s, target_ref, target_labels);
             for x in samples {
                 self.batch.sample_refs.push(r);
                 self.batch.sample_ts.push(x.timestamp_ms);
