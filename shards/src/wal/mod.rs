@@ -536,10 +536,10 @@ impl<S: Storage> Wal<S> {
             let mut writer = writer;
             match self.write_and_sync(&mut writer, &buf, first_seq).await {
                 Ok(()) => {
-                    self.remember(first_seq, &buf);
+                    let bytes = buf.len() as u64;
+                    buf = self.remember(first_seq, buf);
                     let w = writer.expect("a successful write leaves a writer");
-                    self.committed_ok(w, buf.len() as u64, records, last_seq)
-                        .await;
+                    self.committed_ok(w, bytes, records, last_seq).await;
                 }
                 Err(e) => {
                     // Its write completed (failed): nothing of it is still in flight.
@@ -770,17 +770,26 @@ impl<S: Storage> Wal<S> {
         self.publish(&self.state.borrow());
     }
 
-    /// Keeps a copy of a committed buffer for [`Wal::replay`], dropping the oldest ones
-    /// beyond `memory_bytes`.
-    fn remember(&self, first_seq: u64, buf: &[u8]) {
+    /// Keeps a committed buffer for [`Wal::replay`] (the buffer itself, not a copy),
+    /// dropping the oldest ones beyond `memory_bytes` (counted by capacity). Returns an
+    /// empty buffer for the next commit: the capacity of one that was dropped, when
+    /// nothing else holds it, so the commit buffers are recycled, not reallocated.
+    fn remember(&self, first_seq: u64, buf: Vec<u8>) -> Vec<u8> {
         let mut recent = self.recent.borrow_mut();
-        recent.push_back((first_seq, std::rc::Rc::new(buf.to_vec())));
-        let mut bytes = self.recent_bytes.get() + buf.len();
+        let mut bytes = self.recent_bytes.get() + buf.capacity();
+        recent.push_back((first_seq, std::rc::Rc::new(buf)));
+        let mut spare = None;
         while bytes > self.config.memory_bytes && recent.len() > 1 {
             let (_, b) = recent.pop_front().expect("more than one");
-            bytes -= b.len();
+            bytes -= b.capacity();
+            if spare.is_none() {
+                spare = std::rc::Rc::try_unwrap(b).ok();
+            }
         }
         self.recent_bytes.set(bytes);
+        let mut spare = spare.unwrap_or_default();
+        spare.clear();
+        spare
     }
 
     /// Resolves after the next commit (successful or not) finishes.
