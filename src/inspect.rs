@@ -1,9 +1,11 @@
 //! `promgate wal inspect`: what each shard's WAL holds, read without modifying anything.
 //! `--dump` prints every sample (and native histogram) exactly as it would be shipped.
+//! Each record's ship section, when it has one, is checked against its body.
 
 use anyhow::Context;
 use promgate_proto::batch::{Count, METADATA_NONE};
 use promgate_proto::Decoded;
+use promgate_shards::prepared::check_ship_section;
 use promgate_shards::ship::replay_payload;
 use promgate_shards::wal::format::{self, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
 use promgate_shards::wal::storage::{list_segments, load_floor};
@@ -76,11 +78,22 @@ pub fn run(data_dir: &Path, dump: bool) -> anyhow::Result<bool> {
                     ));
                     continue;
                 }
-                let result = replay_payload(r.format, &data[r.payload.0..r.payload.1], |d, _| {
+                let payload = &data[r.payload.0..r.payload.1];
+                // The ship section, if any: the shipper sends its columns instead of the
+                // body's samples, so it must agree with the body.
+                let section = format::RemoteWritePayload::parse(r.format, payload)
+                    .and_then(|p| format::ShipSection::parse(p.ship));
+                let mut disagrees = None;
+                let result = replay_payload(r.format, payload, |d, _| {
                     seg.series += d.batch.series.len() as u64;
                     seg.samples += d.batch.samples.len() as u64;
                     seg.histograms += d.batch.histograms.len() as u64;
                     seg.exemplars += d.batch.exemplars.len() as u64;
+                    disagrees = match &section {
+                        Ok(Some(s)) => check_ship_section(s, &d).err(),
+                        Ok(None) => None,
+                        Err(e) => Some(e.clone()),
+                    };
                     if dump {
                         dump_batch(&mut out, shard, r.seq, d);
                     }
@@ -88,6 +101,12 @@ pub fn run(data_dir: &Path, dump: bool) -> anyhow::Result<bool> {
                 if let Err(e) = result {
                     seg.problems += 1;
                     lines.push(format!("  seq {}: payload unreadable: {e}", r.seq));
+                } else if let Some(e) = disagrees {
+                    seg.problems += 1;
+                    lines.push(format!(
+                        "  seq {}: ship section does not match the body: {e}",
+                        r.seq
+                    ));
                 }
             }
             lines.push(format!(

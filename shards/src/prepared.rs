@@ -23,7 +23,7 @@
 //!   computes them in both ways, so a series has one identity on a connection whichever
 //!   way it came.
 
-use crate::wal::format::put_ship_header;
+use crate::wal::format::{put_ship_header, ShipSection};
 use promgate_proto::batch::{Run, Series};
 use promgate_proto::Decoded;
 use siphasher::sip128::{Hasher128, SipHasher13};
@@ -139,10 +139,46 @@ pub fn put_ship_section(out: &mut Vec<u8>, hasher: &SeriesHasher, d: &Decoded<'_
     }
 }
 
+/// Checks a ship section against the record's decoded body: the same series, and for
+/// each the same samples, bit for bit. (The fingerprints need the writer's keys, which
+/// no other process has, so they are not checked.) `promgate wal inspect` reports a
+/// record that fails this: the shipper would have sent the section's samples.
+pub fn check_ship_section(section: &ShipSection<'_>, d: &Decoded<'_>) -> Result<(), String> {
+    let b = d.batch;
+    if section.series() != b.series.len() {
+        return Err(format!(
+            "ship section has {} series, the body {}",
+            section.series(),
+            b.series.len()
+        ));
+    }
+    for (i, s) in b.series.iter().enumerate() {
+        let samples = d.samples(s);
+        let range = section.samples(i);
+        if range.len() != samples.len() {
+            return Err(format!(
+                "series {i}: ship section has {} samples, the body {}",
+                range.len(),
+                samples.len()
+            ));
+        }
+        let columns = section.timestamps(range.clone()).zip(section.values(range));
+        for (j, ((ts, bits), x)) in columns.zip(samples).enumerate() {
+            if ts != x.timestamp_ms || bits != x.value.to_bits() {
+                return Err(format!(
+                    "series {i} sample {j}: ship section has ({ts}, {bits:#x}), the body ({}, {:#x})",
+                    x.timestamp_ms,
+                    x.value.to_bits()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::format::ShipSection;
     use promgate_proto::{decode, Batch, Limits, Protocol, RejectCounts};
 
     fn request(series: &[(&str, f64)]) -> Vec<u8> {
@@ -223,6 +259,16 @@ mod tests {
         let mut bad = out[1..].to_vec();
         bad[16 + 48..16 + 52].copy_from_slice(&7u32.to_le_bytes());
         assert!(ShipSection::parse(&bad).unwrap_err().contains("end 7"));
+        // The section agrees with the body; one changed value bit or timestamp does not.
+        assert_eq!(check_ship_section(&s, &d), Ok(()));
+        let values_at = out.len() - 3 * 8;
+        for at in [values_at - 3 * 8 + 8, values_at + 8 + 7] {
+            let mut changed = out[1..].to_vec();
+            changed[at - 1] ^= 1;
+            let c = ShipSection::parse(&changed).unwrap().unwrap();
+            let e = check_ship_section(&c, &d).unwrap_err();
+            assert!(e.starts_with("series 1 sample 0"), "{e}");
+        }
         // A request with metadata gets an empty section.
         batch.metadata.push(Default::default());
         let d = Decoded {
