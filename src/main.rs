@@ -309,11 +309,12 @@ fn run_server(flags: &ServerFlags) -> anyhow::Result<()> {
 /// freed. By default glibc raises that threshold as large blocks are freed (up to 32
 /// MiB), after which they are carved from its per-thread heaps and stay there: flat
 /// out at 128k series the agent's peak RSS was ~125-140 MiB with the default and
-/// ~99-104 MiB with 1 MiB, at the same CPU per sample (`loadtest/README.md`). A
+/// ~102-109 MiB with 1 MiB, at the same CPU per sample (`loadtest/README.md`). A
 /// `MALLOC_MMAP_THRESHOLD_` set in the environment is left to rule.
 fn cap_malloc_retention() {
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
         // SAFETY: mallopt only sets a glibc tunable; called before any thread starts.
+        #[cfg(target_env = "gnu")]
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         }
