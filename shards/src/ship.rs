@@ -716,32 +716,37 @@ impl<S: Storage + 'static> Shipper<S> {
             // The batch is built in slices of SLICE_ITEMS, yielding to the shard's
             // receive tasks between them: a batch of a million samples is about a
             // second of CPU, which must not stall the requests waiting on this core.
-            // Only while the records come from memory: a replay from a segment file
-            // reads the whole file, once per batch, not once per slice.
+            // Records behind the WAL's memory tail are read from their segment file a
+            // window at a time on the blocking thread (`prefetch`), never on this one.
             let mut from = next;
             loop {
-                let slice = if self.wal.in_memory(from) {
-                    SLICE_ITEMS
-                } else {
-                    usize::MAX / 2
-                };
-                let slice_end = builder.items() + slice;
-                let (mut full, mut sliced, mut last) = (false, false, None);
-                self.wal.replay(from, |seq, kind, format, payload| {
+                self.wal.prefetch(from).await?;
+                let slice_end = builder.items() + SLICE_ITEMS;
+                let (mut full, mut sliced) = (false, false);
+                // A Cell: read between the two replays, while `visit` holds the rest.
+                let last = std::cell::Cell::new(None);
+                let mut visit = |seq, kind, format, payload: &[u8]| {
                     let added = builder.add_record(seq, kind, format, payload);
                     if let Err(e) = added {
                         skipped += 1;
                         tracing::error!(shard = self.shard, seq, error = %e, "a WAL record cannot be read back; it is skipped");
                     }
                     records += 1;
-                    last = Some(seq);
-                    full = builder.items() >= max
-                        || builder.batch.new_series.len() >= new_series_max;
+                    last.set(Some(seq));
+                    full =
+                        builder.items() >= max || builder.batch.new_series.len() >= new_series_max;
                     sliced = builder.items() >= slice_end;
                     !full && !sliced
-                })?;
-                match last {
-                    Some(seq) if sliced && !full => from = seq + 1,
+                };
+                let mut not_read = self.wal.replay_ready(from, &mut visit)?;
+                if not_read && last.get().is_none() {
+                    // The prefetched window did not hold the record (it was read while
+                    // the record was being written): read it here, this once.
+                    self.wal.replay(from, &mut visit)?;
+                    not_read = false;
+                }
+                match last.get() {
+                    Some(seq) if (sliced || not_read) && !full => from = seq + 1,
                     _ => break,
                 }
                 glommio::yield_if_needed().await;

@@ -168,6 +168,39 @@ fn budget_then_acknowledgement_then_room_again() {
             assert!(n > 0, "replay from {from} found nothing");
         }
         assert_eq!(sliced, want, "sliced replays yield the same records");
+        // As the shipper reads now: the window is read on the blocking thread, and the
+        // replay stops where the window ends instead of reading on the shard thread.
+        let mut ready = Vec::new();
+        let mut from = half + 1;
+        let mut stops = 0;
+        while ready.len() < want.len() {
+            wal.prefetch(from).await.unwrap();
+            let mut n = 0;
+            let not_read = wal
+                .replay_ready(from, |seq, _, _, p| {
+                    assert_eq!(p, payload(seq).as_slice(), "record {seq} replayed changed");
+                    ready.push(seq);
+                    from = seq + 1;
+                    n += 1;
+                    true
+                })
+                .unwrap();
+            assert!(n > 0, "a prefetched replay from {from} found nothing");
+            stops += usize::from(not_read);
+        }
+        assert_eq!(ready, want, "prefetched replays yield the same records");
+        assert!(
+            stops > 0,
+            "records larger than the window never stopped a replay_ready"
+        );
+        // Without a prefetch, nothing outside the window is read.
+        let mut none = 0;
+        let not_read = wal.replay_ready(half + 1, |_, _, _, _| {
+            none += 1;
+            true
+        });
+        assert!(not_read.unwrap(), "replay_ready read a segment file itself");
+        assert_eq!(none, 0);
         assert_eq!(
             wal.whole_segment_reads(),
             0,

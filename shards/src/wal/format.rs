@@ -632,6 +632,30 @@ pub fn covered_len_at(seg: &[u8], at: usize) -> Option<usize> {
         .map(|b| u32::from_le_bytes(le4(b)) as usize)
 }
 
+/// The record at `at` of a buffer this process built (a commit buffer), read by its
+/// length and meta fields without checking its CRC: `None` past the last record, or if
+/// the record there is not `seq`.
+pub fn record_unchecked_at(buf: &[u8], at: usize, seq: u64) -> Option<RecordRef> {
+    let len = covered_len_at(buf, at)?;
+    if len < RECORD_META_BYTES {
+        return None;
+    }
+    let covered = buf.get(at + RECORD_PREFIX_BYTES..at + RECORD_PREFIX_BYTES + len)?;
+    if u64::from_le_bytes(le8(&covered[0..8])) != seq {
+        return None;
+    }
+    Some(RecordRef {
+        seq,
+        kind: covered[8],
+        format: covered[9],
+        payload: (
+            at + RECORD_PREFIX_BYTES + RECORD_META_BYTES,
+            at + RECORD_PREFIX_BYTES + len,
+        ),
+        end: (at + record_disk_bytes(len - RECORD_META_BYTES)).min(buf.len()),
+    })
+}
+
 /// The records of a committed buffer (records back to back, no segment header), which
 /// start at `first_seq` and are consecutive. Stops at the first one that does not check.
 pub fn records(buf: &[u8], first_seq: u64) -> Vec<RecordRef> {

@@ -235,10 +235,42 @@ pub struct Wal<S: Storage> {
     /// Where the last replay from a segment file stopped: (segment, next seq, offset),
     /// so the next one starts there instead of at the segment's start.
     replay_pos: Cell<Option<(u64, u64, usize)>>,
+    /// The part of a segment file the last replay from disk read (or
+    /// [`Wal::prefetch`] read for the next one); dropped once replays are served from
+    /// memory again.
+    window: RefCell<Option<Window>>,
     /// Replays that had to read a whole segment and scan it (records not in sequence).
     whole_segment_reads: Cell<u64>,
     /// [`Wal::ack`] is deleting segments.
     retiring: Cell<bool>,
+}
+
+/// Bytes of one segment file read for replay, from offset `at`.
+struct Window {
+    segment: u64,
+    at: usize,
+    data: Vec<u8>,
+}
+
+impl Window {
+    /// Whether the record starting at segment offset `at` is wholly in the window.
+    fn covers(&self, at: usize) -> bool {
+        at >= self.at
+            && format::covered_len_at(&self.data, at - self.at).is_some_and(|n| {
+                (at - self.at).saturating_add(n + format::RECORD_PREFIX_BYTES) <= self.data.len()
+            })
+    }
+}
+
+/// Why a replay returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// Every durable record from the start was visited.
+    Done,
+    /// The visitor asked to stop.
+    Visitor,
+    /// The next record is in a part of a segment not read yet.
+    NotRead,
 }
 
 /// Polling step while the committer gathers records in `batch` mode.
@@ -384,6 +416,7 @@ impl<S: Storage> Wal<S> {
             recent: RefCell::new(VecDeque::new()),
             recent_bytes: Cell::new(0),
             replay_pos: Cell::new(None),
+            window: RefCell::new(None),
             whole_segment_reads: Cell::new(0),
             retiring: Cell::new(false),
         };
@@ -805,32 +838,93 @@ impl<S: Storage> Wal<S> {
 
     /// Calls `visit(seq, kind, format, payload)` for every durable record with a
     /// sequence number `>= from_seq`, oldest first, reading one segment at a time: what
-    /// recovery found and what was appended since. This is the shipper's way in; it
-    /// stops early when `visit` returns `false`.
+    /// recovery found and what was appended since. It stops early when `visit` returns
+    /// `false`. Segment files are read here, blocking; the shipper uses
+    /// [`Wal::prefetch`] and [`Wal::replay_ready`] instead.
     pub fn replay(
         &self,
         from_seq: u64,
         mut visit: impl FnMut(u64, u8, u8, &[u8]) -> bool,
     ) -> std::io::Result<()> {
+        self.replay_inner(from_seq, true, &mut visit).map(drop)
+    }
+
+    /// [`Wal::replay`] without blocking reads: records in memory, then records in the
+    /// segment window [`Wal::prefetch`] read. Returns `true` when it stopped at a record
+    /// that is in neither (prefetch from the next sequence number and call again).
+    pub fn replay_ready(
+        &self,
+        from_seq: u64,
+        mut visit: impl FnMut(u64, u8, u8, &[u8]) -> bool,
+    ) -> std::io::Result<bool> {
+        self.replay_inner(from_seq, false, &mut visit)
+            .map(|stop| stop == Stop::NotRead)
+    }
+
+    /// Reads, on the blocking thread, the part of a segment file that a replay from
+    /// `from_seq` needs next (`replay_window_bytes` from the record on), unless that
+    /// record is in memory or already read. The shard serves its connections meanwhile.
+    pub async fn prefetch(&self, from_seq: u64) -> std::io::Result<()> {
+        if self.in_memory(from_seq) {
+            return Ok(());
+        }
+        let Some((segment, at)) = self.replay_start(from_seq) else {
+            return Ok(());
+        };
+        let mut len = self.config.replay_window_bytes;
+        for _ in 0..2 {
+            if let Some(w) = self.window.borrow().as_ref() {
+                if w.segment == segment && w.covers(at) {
+                    return Ok(());
+                }
+            }
+            let data = self.storage.read_window(segment, at as u64, len).await?;
+            let need = format::covered_len_at(&data, 0)
+                .map_or(0, |n| n + format::RECORD_PREFIX_BYTES)
+                .min(format::RECORD_BYTES_MAX);
+            let short = need > data.len();
+            *self.window.borrow_mut() = Some(Window { segment, at, data });
+            if !short {
+                break;
+            }
+            // A record longer than the window: read it whole.
+            len = need;
+        }
+        Ok(())
+    }
+
+    fn replay_inner(
+        &self,
+        from_seq: u64,
+        read: bool,
+        visit: &mut impl FnMut(u64, u8, u8, &[u8]) -> bool,
+    ) -> std::io::Result<Stop> {
         // The shipper usually wants what was just committed: serve it from memory.
+        // These are this process's own bytes, so records are walked by their length
+        // fields; the CRC guards what comes back from the disk.
         let recent: Vec<(u64, std::rc::Rc<Vec<u8>>)> = {
             let r = self.recent.borrow();
-            match r.front() {
-                Some((first, _)) if *first <= from_seq => r.iter().cloned().collect(),
-                _ => Vec::new(),
+            match r.partition_point(|(first, _)| *first <= from_seq) {
+                0 => Vec::new(),
+                i => r.range(i - 1..).cloned().collect(),
             }
         };
         if !recent.is_empty() {
+            // Back in memory: the segment window is no longer needed.
+            self.window.borrow_mut().take();
             for (first, buf) in recent {
-                for r in format::records(&buf, first) {
+                let (mut at, mut seq) = (0, first);
+                while let Some(r) = format::record_unchecked_at(&buf, at, seq) {
                     if r.seq >= from_seq
                         && !visit(r.seq, r.kind, r.format, &buf[r.payload.0..r.payload.1])
                     {
-                        return Ok(());
+                        return Ok(Stop::Visitor);
                     }
+                    at = r.end;
+                    seq += 1;
                 }
             }
-            return Ok(());
+            return Ok(Stop::Done);
         }
         let (mut segments, open, durable) = {
             let st = self.state.borrow();
@@ -848,70 +942,101 @@ impl<S: Storage> Wal<S> {
             if last < from_seq || last < first {
                 continue;
             }
-            if !self.replay_segment(first, from_seq, last.min(durable), &mut visit)? {
-                return Ok(());
+            match self.replay_segment(first, from_seq, last.min(durable), read, visit)? {
+                Stop::Done => {}
+                stop => return Ok(stop),
             }
         }
-        Ok(())
+        Ok(Stop::Done)
     }
 
-    /// Visits the records `from_seq..=last` of one segment file, reading it a window at
-    /// a time (memory stays bounded however large segments are) and starting where the
-    /// previous replay of this segment stopped when that is not past `from_seq`. Returns
-    /// `false` when `visit` asked to stop. A segment whose records do not follow each
+    /// The segment holding `from_seq` and the offset a replay of it starts reading at:
+    /// where the previous replay stopped, or the segment's first record.
+    fn replay_start(&self, from_seq: u64) -> Option<(u64, usize)> {
+        let st = self.state.borrow();
+        let segment = st
+            .sealed
+            .iter()
+            .map(|s| (s.first_seq, s.last_seq))
+            .chain((st.open_first_seq != 0).then_some((st.open_first_seq, st.durable_seq)))
+            .find(|(first, last)| *last >= from_seq && last >= first)?
+            .0;
+        Some(match self.replay_pos.get() {
+            Some((seg, seq, off)) if seg == segment && seq <= from_seq => (segment, off),
+            _ => (segment, format::HEADER_BYTES),
+        })
+    }
+
+    /// Visits the records `from_seq..=last` of one segment file, a window at a time
+    /// (memory stays bounded however large segments are), starting where the previous
+    /// replay of this segment stopped when that is not past `from_seq`. The window is
+    /// kept for the next call. A record outside it is read here when `read`, else the
+    /// replay stops with [`Stop::NotRead`]. A segment whose records do not follow each
     /// other (corruption found at recovery) is read whole and scanned instead.
     fn replay_segment(
         &self,
         first: u64,
         from_seq: u64,
         last: u64,
+        read: bool,
         visit: &mut impl FnMut(u64, u8, u8, &[u8]) -> bool,
-    ) -> std::io::Result<bool> {
+    ) -> std::io::Result<Stop> {
         let (mut at, mut next) = match self.replay_pos.get() {
             Some((seg, seq, off)) if seg == first && seq <= from_seq => (off, seq),
             _ => (format::HEADER_BYTES, first),
         };
-        let mut window = Vec::new();
-        let mut window_at = 0usize;
+        let mut held = self.window.borrow_mut();
         while next <= last {
-            let local = at.wrapping_sub(window_at);
-            let mut r = (at >= window_at)
-                .then(|| format::record_at(&window, local, 0, Some(next)))
-                .flatten();
+            let mut r = held
+                .as_ref()
+                .filter(|w| w.segment == first && at >= w.at)
+                .and_then(|w| format::record_at(&w.data, at - w.at, 0, Some(next)));
             if r.is_none() {
+                if !read {
+                    self.replay_pos.set(Some((first, next, at)));
+                    return Ok(Stop::NotRead);
+                }
                 // Not (wholly) in the window: read from the record on, then once more
                 // if its length prefix says it is longer than what was read.
                 let mut len = self.config.replay_window_bytes;
+                let mut data = held.take().map(|w| w.data).unwrap_or_default();
                 for _ in 0..2 {
-                    self.storage.read_at(first, at as u64, len, &mut window)?;
-                    window_at = at;
-                    r = format::record_at(&window, 0, 0, Some(next));
-                    let need = format::covered_len_at(&window, 0)
+                    self.storage.read_at(first, at as u64, len, &mut data)?;
+                    r = format::record_at(&data, 0, 0, Some(next));
+                    let need = format::covered_len_at(&data, 0)
                         .map_or(0, |n| n + format::RECORD_PREFIX_BYTES);
-                    if r.is_some() || need <= window.len() || need > format::RECORD_BYTES_MAX {
+                    if r.is_some() || need <= data.len() || need > format::RECORD_BYTES_MAX {
                         break;
                     }
                     len = need;
                 }
+                *held = Some(Window {
+                    segment: first,
+                    at,
+                    data,
+                });
             }
             let Some(r) = r else {
-                return self.replay_scanned(first, from_seq.max(next), last, visit);
+                drop(held);
+                let stop = self.replay_scanned(first, from_seq.max(next), last, visit)?;
+                return Ok(stop);
             };
+            let w = held.as_ref().expect("the record came from the window");
             // Not `r.end`: that stops at the window's end when the record's padding
             // runs past it.
             let start =
-                window_at + r.payload.0 - format::RECORD_PREFIX_BYTES - format::RECORD_META_BYTES;
+                w.at + r.payload.0 - format::RECORD_PREFIX_BYTES - format::RECORD_META_BYTES;
             at = start + format::record_disk_bytes(r.payload.1 - r.payload.0);
             next = r.seq + 1;
             if r.seq >= from_seq
-                && !visit(r.seq, r.kind, r.format, &window[r.payload.0..r.payload.1])
+                && !visit(r.seq, r.kind, r.format, &w.data[r.payload.0..r.payload.1])
             {
                 self.replay_pos.set(Some((first, next, at)));
-                return Ok(false);
+                return Ok(Stop::Visitor);
             }
         }
         self.replay_pos.set(Some((first, next, at)));
-        Ok(true)
+        Ok(Stop::Done)
     }
 
     /// [`Wal::replay_segment`] for a segment with gaps: read whole, scanned.
@@ -921,7 +1046,7 @@ impl<S: Storage> Wal<S> {
         from_seq: u64,
         last: u64,
         visit: &mut impl FnMut(u64, u8, u8, &[u8]) -> bool,
-    ) -> std::io::Result<bool> {
+    ) -> std::io::Result<Stop> {
         self.whole_segment_reads
             .set(self.whole_segment_reads.get() + 1);
         let data = self.storage.read(first)?;
@@ -933,10 +1058,10 @@ impl<S: Storage> Wal<S> {
             .filter(|r| r.seq >= from_seq && r.seq <= last)
         {
             if !visit(r.seq, r.kind, r.format, &data[r.payload.0..r.payload.1]) {
-                return Ok(false);
+                return Ok(Stop::Visitor);
             }
         }
-        Ok(true)
+        Ok(Stop::Done)
     }
 
     /// Replays so far that read a whole segment file because its records did not follow

@@ -28,6 +28,18 @@ pub trait Storage {
         buf.extend_from_slice(&data[start..(start + len).min(data.len())]);
         Ok(())
     }
+    /// [`Storage::read_at`] without blocking the shard: up to `len` bytes of a segment
+    /// from `offset`. Here at once; [`DmaStorage`] reads on the shard's blocking thread.
+    fn read_window(
+        &self,
+        first_seq: u64,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = io::Result<Vec<u8>>> {
+        let mut buf = Vec::new();
+        let read = self.read_at(first_seq, offset, len, &mut buf);
+        std::future::ready(read.map(|()| buf))
+    }
     /// Cuts a segment to `len` bytes, durably.
     fn truncate(&self, first_seq: u64, len: u64) -> io::Result<()>;
     fn remove(&self, first_seq: u64) -> io::Result<()>;
@@ -173,8 +185,9 @@ impl Storage for DmaStorage {
         len: usize,
         buf: &mut Vec<u8>,
     ) -> io::Result<()> {
-        // The shipper behind the memory tail, a window at a time: a short blocking read
-        // is simpler than a DMA read's alignment rules, and bounded (`replay_window_bytes`).
+        // The shipper behind the memory tail, a window at a time (on the blocking
+        // thread, through `read_window`): a plain read is simpler than a DMA read's
+        // alignment rules, and bounded (`replay_window_bytes`).
         use std::os::unix::fs::FileExt;
         let f = std::fs::File::open(self.path(first_seq))?;
         buf.clear();
@@ -207,6 +220,20 @@ impl Storage for DmaStorage {
     /// wait for the disk (30-100 ms for a 64 MiB segment on this machine's disk, mounted
     /// with `discard`), and the shard's thread would otherwise stop serving every
     /// connection meanwhile.
+    async fn read_window(&self, first_seq: u64, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        // The shipper catching up from disk: the read waits for the device, so it runs
+        // on the blocking thread while the shard serves its connections.
+        let storage = self.clone();
+        glommio::executor()
+            .spawn_blocking(move || {
+                let mut buf = Vec::new();
+                storage
+                    .read_at(first_seq, offset, len, &mut buf)
+                    .map(|()| buf)
+            })
+            .await
+    }
+
     async fn retire(&self, next_seq: u64, firsts: Vec<u64>) -> (usize, io::Result<()>) {
         let storage = self.clone();
         glommio::executor()
