@@ -291,3 +291,47 @@ fn retention_drops_the_oldest_sealed_segments_and_counts_them() {
         );
     });
 }
+
+/// The memory tail holds as many records as `memory_bytes` allows, however large the
+/// commits its recycled buffers once held: after bursts of 16 records, one-record
+/// commits still fill it with their own bytes, not with the bursts' capacity.
+#[test]
+fn memory_tail_counts_records_not_the_capacity_of_recycled_buffers() {
+    with_dir("tail", |d| async move {
+        let metrics = Arc::new(vec![ShardMetrics::default()]);
+        let config = WalConfig {
+            segment_bytes: 8 << 20,
+            max_bytes: 64 << 20,
+            ..config()
+        };
+        let (wal, _) = Wal::open(DmaStorage::open(&d).unwrap(), 0, config, metrics).unwrap();
+        let small = vec![7u8; 1000];
+        for _ in 0..6 {
+            let mut last = 0;
+            for _ in 0..16 {
+                last = wal
+                    .enqueue(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |o| {
+                        o.extend_from_slice(&small)
+                    })
+                    .unwrap();
+            }
+            wal.durable(last).await.unwrap();
+        }
+        let mut last = 0;
+        for _ in 0..100 {
+            last = wal
+                .append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |o| {
+                    o.extend_from_slice(&small)
+                })
+                .await
+                .unwrap();
+        }
+        // 64 KiB of ~1 KiB records: about 60 of the last 100 are in memory.
+        assert!(
+            wal.in_memory(last - 40),
+            "the 64 KiB tail holds fewer than 41 one-KiB records"
+        );
+        assert!(!wal.in_memory(last - 90), "the tail outgrew memory_bytes");
+        wal.close().await.unwrap();
+    });
+}

@@ -807,7 +807,14 @@ impl<S: Storage> Wal<S> {
     /// dropping the oldest ones beyond `memory_bytes` (counted by capacity). Returns an
     /// empty buffer for the next commit: the capacity of one that was dropped, when
     /// nothing else holds it, so the commit buffers are recycled, not reallocated.
-    fn remember(&self, first_seq: u64, buf: Vec<u8>) -> Vec<u8> {
+    fn remember(&self, first_seq: u64, mut buf: Vec<u8>) -> Vec<u8> {
+        // A recycled buffer keeps the capacity of the largest commit it ever held (a
+        // burst of 16 records is 3.5 MB where one is 220 KB): trimmed, so the tail holds
+        // as many records as `memory_bytes` allows rather than a few half-empty buffers.
+        // Buffers of 1 MiB and more are their own mappings, so this is a remap, not a copy.
+        if buf.capacity() > buf.len() + buf.len() / 4 {
+            buf.shrink_to_fit();
+        }
         let mut recent = self.recent.borrow_mut();
         let mut bytes = self.recent_bytes.get() + buf.capacity();
         recent.push_back((first_seq, std::rc::Rc::new(buf)));
