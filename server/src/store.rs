@@ -358,8 +358,117 @@ impl HeadSeries {
     }
 }
 
+/// The open chunks, by series id. Series ids are given out densely from 1, so a series'
+/// open chunk is found by indexing instead of hashing: `slot[sid]` is its place in
+/// `open` plus one (0: none), and `open` is packed (a removed chunk's place takes the
+/// last one). Applying a batch looks up one open chunk per sample, 128k or more of
+/// them in turn: with a hash map each lookup waited on two cache misses (the control
+/// bytes, then the entry) before anything could be prefetched, a quarter of the
+/// server's CPU at 500k samples/s. Here the slots are 4 bytes per series ever created
+/// and the entry's address is known from the slot, so [`Store::apply`] prefetches both
+/// ahead of use; series made one after another (as agents send them) also sit one
+/// after another in `open`.
+#[derive(Default)]
+struct OpenChunks {
+    slot: Vec<u32>,
+    open: Vec<HeadSeries>,
+    /// The series id of each of `open`.
+    sids: Vec<u64>,
+}
+
+impl OpenChunks {
+    fn index(&self, sid: u64) -> Option<usize> {
+        match self.slot.get(usize::try_from(sid).ok()?) {
+            Some(&s) if s > 0 => Some(s as usize - 1),
+            _ => None,
+        }
+    }
+
+    fn get(&self, sid: u64) -> Option<&HeadSeries> {
+        self.index(sid).map(|i| &self.open[i])
+    }
+
+    fn get_mut(&mut self, sid: u64) -> Option<&mut HeadSeries> {
+        self.index(sid).map(|i| &mut self.open[i])
+    }
+
+    /// Sets the open chunk of `sid` and returns where it is.
+    fn insert(&mut self, sid: u64, h: HeadSeries) -> usize {
+        if let Some(i) = self.index(sid) {
+            self.open[i] = h;
+            return i;
+        }
+        let at = usize::try_from(sid).expect("series ids fit in memory");
+        if at >= self.slot.len() {
+            self.slot.resize(at + 1, 0);
+        }
+        self.open.push(h);
+        self.sids.push(sid);
+        let i = self.open.len() - 1;
+        self.slot[at] = u32::try_from(i + 1).expect("fewer than 4G open chunks");
+        i
+    }
+
+    fn remove(&mut self, sid: u64) -> Option<HeadSeries> {
+        let i = self.index(sid)?;
+        self.slot[sid as usize] = 0;
+        let h = self.open.swap_remove(i);
+        self.sids.swap_remove(i);
+        if let Some(&moved) = self.sids.get(i) {
+            self.slot[moved as usize] = i as u32 + 1;
+        }
+        Some(h)
+    }
+
+    fn clear(&mut self) {
+        self.slot.clear();
+        self.open.clear();
+        self.sids.clear();
+    }
+
+    fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, &HeadSeries)> {
+        self.sids.iter().copied().zip(&self.open)
+    }
+
+    /// Hints the cache to load the slot of `sid`.
+    fn prefetch_slot(&self, sid: u64) {
+        if let Some(s) = self.slot.get(sid as usize) {
+            prefetch(s);
+        }
+    }
+
+    /// Hints the cache to load the open chunk's entry of `sid` (its slot should be in
+    /// cache by now).
+    fn prefetch_entry(&self, sid: u64) {
+        if let Some(i) = self.index(sid) {
+            let h = &self.open[i];
+            prefetch(h);
+            // An entry spans two cache lines.
+            prefetch((h as *const HeadSeries).cast::<u8>().wrapping_add(64));
+        }
+    }
+}
+
+/// Hints the cache to load the line holding `p`.
+#[inline]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: `_mm_prefetch` needs SSE, which every x86_64 CPU has; it only hints
+        // the cache (it reads no value and never faults, whatever the address).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 struct Head {
-    series: HashMap<u64, HeadSeries>,
+    series: OpenChunks,
     next_sid: u64,
     /// Applied sequence numbers, committed (durably or not).
     applied: HashMap<String, u64>,
@@ -652,7 +761,7 @@ impl Store {
             path,
             cache_bytes,
             head: Mutex::new(Head {
-                series: HashMap::new(),
+                series: OpenChunks::default(),
                 next_sid: 1,
                 applied: HashMap::new(),
                 durable: HashMap::new(),
@@ -891,7 +1000,7 @@ impl Store {
         let mut value = Vec::new();
         for sid in sids {
             // A series retention removed since has its row removed already.
-            let Some(h) = head.series.get(sid) else {
+            let Some(h) = head.series.get(*sid) else {
                 continue;
             };
             value.clear();
@@ -913,7 +1022,7 @@ impl Store {
         match result {
             Ok(()) => {
                 for sid in head.dirty.drain(..) {
-                    if let Some(h) = head.series.get_mut(&sid) {
+                    if let Some(h) = head.series.get_mut(sid) {
                         h.dirty = false;
                     }
                 }
@@ -1125,20 +1234,25 @@ impl Store {
             let mut chunks = tx.open_table(CHUNKS).map_err(storage)?;
             let mut value = Vec::new();
             for (i, &sid) in sample_sids.iter().enumerate() {
-                // Each sample is usually another series: load the open chunk of a
-                // sample a few ahead while this one is appended.
-                if let Some(ahead) = sample_sids.get(i + 8) {
-                    if let Some(h) = head.series.get(ahead) {
-                        h.enc.prefetch();
-                    }
+                // Each sample is usually another series: its open chunk is loaded in
+                // steps ahead of use (the slot, then the entry, then the chunk's
+                // bytes), so the append finds all three in cache.
+                if let Some(&ahead) = sample_sids.get(i + 16) {
+                    head.series.prefetch_slot(ahead);
+                }
+                if let Some(&ahead) = sample_sids.get(i + 8) {
+                    head.series.prefetch_entry(ahead);
+                }
+                if let Some(h) = sample_sids.get(i + 4).and_then(|&a| head.series.get(a)) {
+                    h.enc.prefetch();
                 }
                 let t = b.sample_ts[i].to_native();
                 let v = f64::from_bits(b.sample_values[i].to_native());
                 let p = partition_of(t);
-                let h = match head.series.entry(sid) {
-                    hashbrown::hash_map::Entry::Vacant(e) => e.insert(HeadSeries::new(t, v, 0)),
-                    hashbrown::hash_map::Entry::Occupied(e) => {
-                        let h = e.into_mut();
+                let at = match head.series.index(sid) {
+                    None => head.series.insert(sid, HeadSeries::new(t, v, 0)),
+                    Some(at) => {
+                        let h = &mut head.series.open[at];
                         if t <= h.max_t {
                             let dup = t == h.max_t && h.last_bits == v.to_bits();
                             if dup {
@@ -1164,9 +1278,10 @@ impl Store {
                             h.max_t = t;
                             h.last_bits = v.to_bits();
                         }
-                        h
+                        at
                     }
                 };
+                let h = &mut head.series.open[at];
                 if !h.dirty {
                     h.dirty = true;
                     head.dirty.push(sid);
@@ -1280,10 +1395,10 @@ impl Store {
                 .series
                 .iter()
                 .filter(|(_, s)| s.partition < cutoff)
-                .map(|(sid, _)| *sid)
+                .map(|(sid, _)| sid)
                 .collect();
-            for sid in &expired {
-                h.remove(*sid)?;
+            for &sid in &expired {
+                h.remove(sid)?;
                 if let Some(s) = head.series.remove(sid) {
                     partitions.insert(s.partition);
                 }
@@ -1446,7 +1561,7 @@ impl Reader<'_> {
                 .reload(&mut head)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
-        let open = head.series.get(&sid);
+        let open = head.series.get(sid);
         let mut d = match open {
             Some(h) if h.sealed_gen > self.generation => {
                 let tx = self
@@ -1522,4 +1637,54 @@ fn sealed_data(
         }
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{HeadSeries, OpenChunks};
+
+    /// The open chunk of `sid` in `c`, told by its first timestamp.
+    fn first_t(c: &OpenChunks, sid: u64) -> Option<i64> {
+        c.get(sid).map(|h| h.min_t)
+    }
+
+    #[test]
+    fn open_chunks_stay_found_by_series_id_across_removals_and_replacements() {
+        let mut c = OpenChunks::default();
+        for sid in [3, 1, 7, 4, 9] {
+            c.insert(sid, HeadSeries::new(sid as i64 * 10, 0.0, 0));
+        }
+        assert_eq!(c.len(), 5);
+        // Removing one that is not last moves the last (9) into its place.
+        assert_eq!(c.remove(1).map(|h| h.min_t), Some(10));
+        assert_eq!(c.remove(1).map(|h| h.min_t), None);
+        for (sid, t) in [
+            (3, Some(30)),
+            (1, None),
+            (7, Some(70)),
+            (4, Some(40)),
+            (9, Some(90)),
+        ] {
+            assert_eq!(first_t(&c, sid), t, "series {sid}");
+        }
+        // Replacing keeps one entry; ids never given and far beyond are absent.
+        c.insert(9, HeadSeries::new(91, 0.0, 0));
+        assert_eq!((c.len(), first_t(&c, 9)), (4, Some(91)));
+        assert_eq!(
+            (first_t(&c, 0), first_t(&c, 2), first_t(&c, u64::MAX)),
+            (None, None, None)
+        );
+        let mut all: Vec<(u64, i64)> = c.iter().map(|(sid, h)| (sid, h.min_t)).collect();
+        all.sort_unstable();
+        assert_eq!(all, vec![(3, 30), (4, 40), (7, 70), (9, 91)]);
+        // Emptied one by one, the last removed being the one moved earlier.
+        for sid in [9, 3, 4, 7] {
+            assert!(c.remove(sid).is_some(), "series {sid}");
+        }
+        assert_eq!((c.len(), c.iter().count()), (0, 0));
+        c.insert(1, HeadSeries::new(5, 0.0, 0));
+        assert_eq!(first_t(&c, 1), Some(5));
+        c.clear();
+        assert_eq!(first_t(&c, 1), None);
+    }
 }
