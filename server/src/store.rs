@@ -598,11 +598,56 @@ pub enum Applied {
     Replay,
 }
 
+/// A connection's series refs to series ids. Agents number a connection's series 0, 1,
+/// 2, ... so refs index a vector (`0`: unknown; series ids start at 1): every sample of
+/// a batch looks up its ref, and a hash map's lookup missed the cache for most of
+/// them with 128k series. A ref far beyond the vector (more than [`REF_GAP_MAX`] past
+/// its end, which the protocol allows but no agent sends) goes to a map instead, so a
+/// peer cannot make the vector large with a few refs.
+#[derive(Default)]
+pub struct SeriesRefs {
+    dense: Vec<u64>,
+    sparse: HashMap<u32, u64>,
+}
+
+/// How far past the known refs a new ref may be and still go into the vector.
+const REF_GAP_MAX: usize = 64;
+
+impl SeriesRefs {
+    pub fn get(&self, r: u32) -> Option<u64> {
+        match self.dense.get(r as usize) {
+            Some(&sid) if sid != 0 => Some(sid),
+            _ if self.sparse.is_empty() => None,
+            _ => self.sparse.get(&r).copied(),
+        }
+    }
+
+    pub fn insert(&mut self, r: u32, sid: u64) {
+        let i = r as usize;
+        if i <= self.dense.len() + REF_GAP_MAX {
+            if i >= self.dense.len() {
+                self.dense.resize(i + 1, 0);
+            }
+            self.dense[i] = sid;
+            if !self.sparse.is_empty() {
+                self.sparse.remove(&r);
+            }
+        } else {
+            self.sparse.insert(r, sid);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.dense.clear();
+        self.sparse.clear();
+    }
+}
+
 /// One ship connection's references: series refs to series ids, target refs to the
 /// target's labels and tags (`promgate_proto::ship::NewTarget`).
 #[derive(Default)]
 pub struct ConnRefs {
-    pub series: HashMap<u32, u64>,
+    pub series: SeriesRefs,
     pub targets: HashMap<u32, (Labels, Labels)>,
     /// The store epoch of the connection's hello ([`Store::hello`]); `None` before it.
     pub epoch: Option<u64>,
@@ -1254,7 +1299,7 @@ impl Store {
         self.intern(&tx, b, refs, &mut next_sid)?;
         let sealed_gen = head.generation + 1;
         let sid_of = |r: u32| {
-            refs.series.get(&r).copied().ok_or_else(|| {
+            refs.series.get(r).ok_or_else(|| {
                 ApplyError::Batch(format!("sample refers to unknown series ref {r}"))
             })
         };
@@ -1679,7 +1724,34 @@ fn sealed_data(
 
 #[cfg(test)]
 mod tests {
-    use super::{pair_key, postings_pair_prefix, HeadSeries, OpenChunks, TAG_MARK};
+    use super::{
+        pair_key, postings_pair_prefix, HeadSeries, OpenChunks, SeriesRefs, REF_GAP_MAX, TAG_MARK,
+    };
+
+    #[test]
+    fn series_refs_dense_sparse_and_overwritten() {
+        let mut r = SeriesRefs::default();
+        r.insert(0, 10);
+        r.insert(3, 13); // a gap: refs 1 and 2 unknown
+        let far = (REF_GAP_MAX + 10) as u32;
+        r.insert(far, 99); // far beyond: kept aside, the vector stays small
+        assert!(r.dense.len() <= 4 + REF_GAP_MAX);
+        assert_eq!(
+            (r.get(0), r.get(1), r.get(3), r.get(far)),
+            (Some(10), None, Some(13), Some(99))
+        );
+        // The vector grows past the far ref: it is still found, and overwriting it
+        // moves it into the vector.
+        for i in 4..far {
+            r.insert(i, 100 + u64::from(i));
+        }
+        assert_eq!(r.get(far), Some(99));
+        r.insert(far, 7);
+        assert_eq!((r.get(far), r.sparse.len()), (Some(7), 0));
+        assert_eq!((r.get(far + 1), r.get(u32::MAX)), (None, None));
+        r.clear();
+        assert_eq!(r.get(0), None);
+    }
 
     #[test]
     fn pair_keys_are_the_postings_prefixes_queries_look_up() {
