@@ -216,10 +216,6 @@ impl Storage for DmaStorage {
         self.sync_dir()
     }
 
-    /// On glommio's blocking thread of the shard: an unlink and the directory fsyncs
-    /// wait for the disk (30-100 ms for a 64 MiB segment on this machine's disk, mounted
-    /// with `discard`), and the shard's thread would otherwise stop serving every
-    /// connection meanwhile.
     async fn read_window(&self, first_seq: u64, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         // The shipper catching up from disk: the read waits for the device, so it runs
         // on the blocking thread while the shard serves its connections.
@@ -234,6 +230,10 @@ impl Storage for DmaStorage {
             .await
     }
 
+    /// On glommio's blocking thread of the shard: an unlink and the directory fsyncs
+    /// wait for the disk (30-100 ms for a 64 MiB segment on this machine's disk, mounted
+    /// with `discard`), and the shard's thread would otherwise stop serving every
+    /// connection meanwhile.
     async fn retire(&self, next_seq: u64, firsts: Vec<u64>) -> (usize, io::Result<()>) {
         let storage = self.clone();
         glommio::executor()
