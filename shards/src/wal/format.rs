@@ -602,26 +602,32 @@ pub fn record_at(seg: &[u8], at: usize, after: u64, exact: Option<u64>) -> Optio
     if !(RECORD_META_BYTES..=RECORD_BYTES_MAX).contains(&len) {
         return None;
     }
-    let covered = seg.get(at + RECORD_PREFIX_BYTES..at + RECORD_PREFIX_BYTES + len)?;
-    let seq = u64::from_le_bytes(le8(&covered[0..8]));
+    let r = record_fields(seg, at, len)?;
     match exact {
-        Some(want) if seq != want => return None,
-        None if seq <= after => return None,
+        Some(want) if r.seq != want => return None,
+        None if r.seq <= after => return None,
         _ => {}
     }
+    let covered = &seg[at + RECORD_PREFIX_BYTES..r.payload.1];
     if crc32c::crc32c(covered) != u32::from_le_bytes(le4(&prefix[4..8])) {
         return None;
     }
-    let end = (at + record_disk_bytes(len - RECORD_META_BYTES)).min(seg.len());
+    Some(r)
+}
+
+/// The record at `at` as its meta fields describe it, given its length field `len`
+/// (at least [`RECORD_META_BYTES`]); nothing is checked but that its bytes are there.
+fn record_fields(seg: &[u8], at: usize, len: usize) -> Option<RecordRef> {
+    let covered = seg.get(at + RECORD_PREFIX_BYTES..at + RECORD_PREFIX_BYTES + len)?;
     Some(RecordRef {
-        seq,
+        seq: u64::from_le_bytes(le8(&covered[0..8])),
         kind: covered[8],
         format: covered[9],
         payload: (
             at + RECORD_PREFIX_BYTES + RECORD_META_BYTES,
             at + RECORD_PREFIX_BYTES + len,
         ),
-        end,
+        end: (at + record_disk_bytes(len - RECORD_META_BYTES)).min(seg.len()),
     })
 }
 
@@ -640,32 +646,7 @@ pub fn record_unchecked_at(buf: &[u8], at: usize, seq: u64) -> Option<RecordRef>
     if len < RECORD_META_BYTES {
         return None;
     }
-    let covered = buf.get(at + RECORD_PREFIX_BYTES..at + RECORD_PREFIX_BYTES + len)?;
-    if u64::from_le_bytes(le8(&covered[0..8])) != seq {
-        return None;
-    }
-    Some(RecordRef {
-        seq,
-        kind: covered[8],
-        format: covered[9],
-        payload: (
-            at + RECORD_PREFIX_BYTES + RECORD_META_BYTES,
-            at + RECORD_PREFIX_BYTES + len,
-        ),
-        end: (at + record_disk_bytes(len - RECORD_META_BYTES)).min(buf.len()),
-    })
-}
-
-/// The records of a committed buffer (records back to back, no segment header), which
-/// start at `first_seq` and are consecutive. Stops at the first one that does not check.
-pub fn records(buf: &[u8], first_seq: u64) -> Vec<RecordRef> {
-    let (mut at, mut next, mut out) = (0, first_seq, Vec::new());
-    while let Some(r) = record_at(buf, at, 0, Some(next)) {
-        at = r.end;
-        next += 1;
-        out.push(r);
-    }
-    out
+    record_fields(buf, at, len).filter(|r| r.seq == seq)
 }
 
 /// Reads every valid record of one segment (see the module doc for the rules).

@@ -262,6 +262,15 @@ impl Window {
     }
 }
 
+/// For a read of a segment from a record's offset on: when the record's length field
+/// says it runs past what was read (and is no longer than a record can be), how many
+/// bytes to read to hold it whole.
+fn reread_len(data: &[u8]) -> Option<usize> {
+    let covered = format::covered_len_at(data, 0)?;
+    let need = covered + format::RECORD_PREFIX_BYTES;
+    (need > data.len() && covered <= format::RECORD_BYTES_MAX).then_some(need)
+}
+
 /// Why a replay returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stop {
@@ -886,16 +895,12 @@ impl<S: Storage> Wal<S> {
                 }
             }
             let data = self.storage.read_window(segment, at as u64, len).await?;
-            let need = format::covered_len_at(&data, 0)
-                .map_or(0, |n| n + format::RECORD_PREFIX_BYTES)
-                .min(format::RECORD_BYTES_MAX);
-            let short = need > data.len();
+            let longer = reread_len(&data);
             *self.window.borrow_mut() = Some(Window { segment, at, data });
-            if !short {
-                break;
+            match longer {
+                Some(n) => len = n,
+                None => break,
             }
-            // A record longer than the window: read it whole.
-            len = need;
         }
         Ok(())
     }
@@ -968,10 +973,17 @@ impl<S: Storage> Wal<S> {
             .chain((st.open_first_seq != 0).then_some((st.open_first_seq, st.durable_seq)))
             .find(|(first, last)| *last >= from_seq && last >= first)?
             .0;
-        Some(match self.replay_pos.get() {
-            Some((seg, seq, off)) if seg == segment && seq <= from_seq => (segment, off),
-            _ => (segment, format::HEADER_BYTES),
-        })
+        Some((segment, self.resume_at(segment, from_seq).0))
+    }
+
+    /// Where a replay of `segment` from `from_seq` starts reading: (offset, sequence
+    /// number of the record there), where the previous replay stopped if that is not
+    /// past `from_seq`, else the segment's first record.
+    fn resume_at(&self, segment: u64, from_seq: u64) -> (usize, u64) {
+        match self.replay_pos.get() {
+            Some((seg, seq, off)) if seg == segment && seq <= from_seq => (off, seq),
+            _ => (format::HEADER_BYTES, segment),
+        }
     }
 
     /// Visits the records `from_seq..=last` of one segment file, a window at a time
@@ -988,10 +1000,7 @@ impl<S: Storage> Wal<S> {
         read: bool,
         visit: &mut impl FnMut(u64, u8, u8, &[u8]) -> bool,
     ) -> std::io::Result<Stop> {
-        let (mut at, mut next) = match self.replay_pos.get() {
-            Some((seg, seq, off)) if seg == first && seq <= from_seq => (off, seq),
-            _ => (format::HEADER_BYTES, first),
-        };
+        let (mut at, mut next) = self.resume_at(first, from_seq);
         let mut held = self.window.borrow_mut();
         while next <= last {
             let mut r = held
@@ -1010,12 +1019,10 @@ impl<S: Storage> Wal<S> {
                 for _ in 0..2 {
                     self.storage.read_at(first, at as u64, len, &mut data)?;
                     r = format::record_at(&data, 0, 0, Some(next));
-                    let need = format::covered_len_at(&data, 0)
-                        .map_or(0, |n| n + format::RECORD_PREFIX_BYTES);
-                    if r.is_some() || need <= data.len() || need > format::RECORD_BYTES_MAX {
-                        break;
+                    match reread_len(&data) {
+                        Some(n) if r.is_none() => len = n,
+                        _ => break,
                     }
-                    len = need;
                 }
                 *held = Some(Window {
                     segment: first,
