@@ -189,8 +189,8 @@ pub fn postings_name_prefix(name: &str) -> Vec<u8> {
 
 /// `lp(name) lp(value)`: the postings prefix of one label pair.
 pub fn postings_pair_prefix(name: &str, value: &str) -> Vec<u8> {
-    let mut k = postings_name_prefix(name);
-    put_lp(&mut k, value.as_bytes());
+    let mut k = Vec::with_capacity(name.len() + value.len() + 8);
+    pair_key(&mut k, false, name, value);
     k
 }
 
@@ -1725,7 +1725,8 @@ fn sealed_data(
 #[cfg(test)]
 mod tests {
     use super::{
-        pair_key, postings_pair_prefix, HeadSeries, OpenChunks, SeriesRefs, REF_GAP_MAX, TAG_MARK,
+        pair_key, postings_name_prefix, postings_pair_prefix, put_lp, HeadSeries, OpenChunks,
+        SeriesRefs, REF_GAP_MAX, TAG_MARK,
     };
 
     #[test]
@@ -1755,12 +1756,19 @@ mod tests {
 
     #[test]
     fn pair_keys_are_the_postings_prefixes_queries_look_up() {
+        // `lp(name) lp(value)`, built from the name prefix queries use for every value.
+        let lp_pair = |n: &str, v: &str| {
+            let mut k = postings_name_prefix(n);
+            put_lp(&mut k, v.as_bytes());
+            k
+        };
         let mut k = Vec::new();
         for (n, v) in [("job", "node"), ("__name__", "up"), ("é", "ü x")] {
             pair_key(&mut k, false, n, v);
-            assert_eq!(k, postings_pair_prefix(n, v));
+            assert_eq!(k, lp_pair(n, v));
+            assert_eq!(postings_pair_prefix(n, v), lp_pair(n, v));
             pair_key(&mut k, true, n, v);
-            assert_eq!(k, postings_pair_prefix(&format!("{TAG_MARK}{n}"), v));
+            assert_eq!(k, lp_pair(&format!("{TAG_MARK}{n}"), v));
         }
     }
 
