@@ -252,6 +252,17 @@ def run_one(name, rate, args, tmp):
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             return json.loads(out.strip().splitlines()[-1])
 
+        stored = 0.0
+
+        def stored_at_least(n):
+            """Reads the store's count of committed samples into `stored`; whether it reached n."""
+            nonlocal stored
+            try:
+                stored = sys_.stored(int(time.time() * 1000))
+            except Exception as e:  # a store still busy answering: try again
+                log(f"  {name}: count query failed ({e}); retrying")
+            return stored >= n
+
         warm = {"samples_acked": 0, "cpu_s": 0.0}
         if args.warmup:
             # The same load an hour back, so the measured run's samples come after it
@@ -262,13 +273,7 @@ def run_one(name, rate, args, tmp):
             # (Without this pause promgate drops samples: see "Known gap" in
             # ARCHITECTURE.md; the landed column shows it.)
             sys_.drain(120)
-            def warm_stored():
-                try:
-                    return sys_.stored(int(time.time() * 1000)) >= warm["samples_acked"]
-                except Exception:  # a store still busy answering: try again
-                    return False
-
-            poll(warm_stored, 90, every=1)
+            poll(lambda: stored_at_least(warm["samples_acked"]), 90, every=1)
         log(f"{name} at {'full speed' if not rate else f'{rate} samples/s'}: {url}")
         report = load(args.duration, now_ms - 30 * 60 * 1000)
         cpu_load = [cpu_s(p) - c for p, c in zip(pids, cpu0)]
@@ -277,17 +282,7 @@ def run_one(name, rate, args, tmp):
         # its backlog are part of what the system does); rate and latency do not.
         acked = report["samples_acked"] + warm["samples_acked"]
         # Count what landed; a store may still be committing: retry a while.
-        stored = 0.0
-
-        def landed():
-            nonlocal stored
-            try:
-                stored = sys_.stored(int(time.time() * 1000))
-            except Exception as e:  # a store still busy answering: try again
-                log(f"  {name}: count query failed ({e}); retrying")
-            return stored >= acked
-
-        poll(landed, 90, every=1)
+        poll(lambda: stored_at_least(acked), 90, every=1)
         cpu_total = [cpu_s(p) - c for p, c in zip(pids, cpu0)]
         rss = [peak_rss_mib(p) for p in pids]
         non2xx = sum(n for r in (report, warm) for c, n in r.get("status", {}).items() if not c.startswith("2"))
