@@ -154,7 +154,7 @@ fn run(fault: Fault, name: &str) {
     assert!(metric_sum(&m, "promgate_server_checkpoints_total") > 0.0);
     assert_eq!(metric_sum(&m, "promgate_server_commit_errors_total"), 0.0);
     assert_eq!(
-        metric_sum(&m, "promgate_server_samples_out_of_order_total"),
+        metric_sum(&m, "promgate_server_samples_conflicting_total"),
         0.0,
         "{fault:?}"
     );

@@ -97,9 +97,16 @@ pub fn render(m: &ServerMetrics, store: &Store) -> String {
     line(
         &mut out,
         "promgate_server_samples_out_of_order_total",
-        "Samples refused because their series already had a newer or conflicting sample.",
+        "Samples stored although their series already had a newer one (put in time order into an older chunk).",
         "counter",
         s.samples_out_of_order.load(Relaxed),
+    );
+    line(
+        &mut out,
+        "promgate_server_samples_conflicting_total",
+        "Samples not stored because their series already had another value at that timestamp (the first is kept).",
+        "counter",
+        s.samples_conflicting.load(Relaxed),
     );
     line(
         &mut out,

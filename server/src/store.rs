@@ -83,11 +83,20 @@
 //! must say hello again, so none keeps series references or a sequence number from
 //! before it.
 //!
-//! A sample whose timestamp is not after the newest one of its series is not stored:
-//! equal timestamp and identical bits is a resend (`samples_duplicate_total`), anything
-//! else is out of order (`samples_out_of_order_total`). So two samples of one series never
-//! share a timestamp, and chunks are always in time order. Histograms and exemplars are
-//! keyed by timestamp; an existing key is kept (a resend).
+//! ## Late samples
+//!
+//! A sample whose timestamp is before the newest one of its series is still stored
+//! (`samples_out_of_order_total` counts them): it is put into the chunk whose time span
+//! it falls in (the open chunk, or the nearest sealed chunk of its partition), which is
+//! decoded and written again with the sample in place, and cut in two beyond 240
+//! samples. So a series' chunks stay disjoint and each in time order, and readers merge
+//! nothing. Late samples are normal for promgate: each agent shard ships its own WAL,
+//! so when a sender's connection moves to another shard while the first is behind, a
+//! series' newer samples can arrive before its older ones. A sample at a timestamp that
+//! is already stored is not stored again: with identical bits it is a resend
+//! (`samples_duplicate_total`), with another value it conflicts and the stored value is
+//! kept (`samples_conflicting_total`). Histograms and exemplars are keyed by timestamp;
+//! an existing key is kept (a resend).
 //!
 //! ## Recovery and retention
 //!
@@ -357,6 +366,7 @@ pub struct StoreMetrics {
     pub samples_appended: AtomicU64,
     pub samples_duplicate: AtomicU64,
     pub samples_out_of_order: AtomicU64,
+    pub samples_conflicting: AtomicU64,
     pub chunks_sealed: AtomicU64,
     pub histograms_stored: AtomicU64,
     pub histograms_duplicate: AtomicU64,
@@ -1337,15 +1347,23 @@ impl Store {
                     Some(at) => {
                         let h = &mut head.series.open[at];
                         if t <= h.max_t {
-                            let dup = t == h.max_t && h.last_bits == v.to_bits();
-                            if dup {
-                                self.metrics.samples_duplicate.fetch_add(1, Relaxed);
+                            let late = if t < h.max_t {
+                                store_late(&mut chunks, h, sid, t, v, sealed_gen, &mut value)?
+                            } else if h.last_bits == v.to_bits() {
+                                Late::Duplicate
                             } else {
-                                self.metrics.samples_out_of_order.fetch_add(1, Relaxed);
+                                Late::Conflicting
+                            };
+                            let m = &self.metrics;
+                            match late {
+                                Late::Stored => m.samples_out_of_order.fetch_add(1, Relaxed),
+                                Late::Duplicate => m.samples_duplicate.fetch_add(1, Relaxed),
+                                Late::Conflicting => m.samples_conflicting.fetch_add(1, Relaxed),
+                            };
+                            if late != Late::Stored {
+                                continue;
                             }
-                            continue;
-                        }
-                        if h.partition != p || h.enc.len() >= SAMPLES_PER_CHUNK_MAX {
+                        } else if h.partition != p || h.enc.len() >= SAMPLES_PER_CHUNK_MAX {
                             value.clear();
                             value.extend_from_slice(&h.max_t.to_le_bytes());
                             value.extend_from_slice(h.enc.bytes());
@@ -1720,6 +1738,135 @@ fn sealed_data(
         }
     }
     Ok(d)
+}
+
+/// What became of a sample not after the newest one of its series.
+#[derive(Debug, PartialEq, Eq)]
+enum Late {
+    /// Put in time order into the chunk whose time it falls in.
+    Stored,
+    /// Its timestamp and value bits were already stored (a resend).
+    Duplicate,
+    /// Its timestamp was already stored with another value, which is kept.
+    Conflicting,
+}
+
+/// A chunk rewritten by late samples is cut in two beyond this many samples, so one
+/// late sample never costs more than re-encoding a few hundred.
+const LATE_CHUNK_MAX: usize = 2 * SAMPLES_PER_CHUNK_MAX;
+
+/// Puts `(t, v)` into `samples` (in time order, one per timestamp) unless `t` is there.
+fn merge_sample(samples: &mut Vec<(i64, f64)>, t: i64, v: f64) -> Late {
+    match samples.binary_search_by_key(&t, |s| s.0) {
+        Ok(i) if samples[i].1.to_bits() == v.to_bits() => Late::Duplicate,
+        Ok(_) => Late::Conflicting,
+        Err(i) => {
+            samples.insert(i, (t, v));
+            Late::Stored
+        }
+    }
+}
+
+fn encode_samples(samples: &[(i64, f64)]) -> XorEncoder {
+    let mut enc = XorEncoder::default();
+    for &(t, v) in samples {
+        enc.append(t, v);
+    }
+    enc
+}
+
+/// Writes `samples` (in time order, within `partition`) as one sealed chunk.
+fn put_chunk(
+    chunks: &mut redb::Table<(i64, u64, i64), &[u8]>,
+    partition: i64,
+    sid: u64,
+    samples: &[(i64, f64)],
+    value: &mut Vec<u8>,
+) -> Result<(), ApplyError> {
+    let (min_t, max_t) = (samples[0].0, samples[samples.len() - 1].0);
+    value.clear();
+    value.extend_from_slice(&max_t.to_le_bytes());
+    value.extend_from_slice(encode_samples(samples).bytes());
+    chunks
+        .insert((partition, sid, min_t), value.as_slice())
+        .map_err(storage)?;
+    Ok(())
+}
+
+fn decode_chunk(sid: u64, chunk: &[u8]) -> Result<Vec<(i64, f64)>, ApplyError> {
+    xor::decode(chunk)
+        .map_err(|e| ApplyError::Storage(format!("chunk of series {sid} is corrupt: {e:?}")))
+}
+
+/// Stores a sample older than the newest one of its series `h` (see "Late samples").
+///
+/// The sample goes into the chunk whose time span it falls in, or the nearest one
+/// before it in its partition (the first one if none is before it), which is decoded
+/// and written again with the sample in place. A series' chunks therefore stay
+/// disjoint and in time order, and readers need no merge. Cold: one rewrite of a chunk
+/// per late sample, where an in-order sample costs an append.
+#[cold]
+#[inline(never)]
+fn store_late(
+    chunks: &mut redb::Table<(i64, u64, i64), &[u8]>,
+    h: &mut HeadSeries,
+    sid: u64,
+    t: i64,
+    v: f64,
+    sealed_gen: u64,
+    value: &mut Vec<u8>,
+) -> Result<Late, ApplyError> {
+    let p = partition_of(t);
+    if p == h.partition && t >= h.min_t {
+        let mut samples = decode_chunk(sid, h.enc.bytes())?;
+        let late = merge_sample(&mut samples, t, v);
+        if late == Late::Stored {
+            let mut open = &samples[..];
+            if open.len() > LATE_CHUNK_MAX {
+                let (sealed, rest) = open.split_at(open.len() / 2);
+                put_chunk(chunks, p, sid, sealed, value)?;
+                h.sealed_gen = sealed_gen;
+                open = rest;
+            }
+            h.enc = encode_samples(open);
+            h.min_t = open[0].0;
+        }
+        return Ok(late);
+    }
+    let near = {
+        let mut before = chunks
+            .range((p, sid, i64::MIN)..=(p, sid, t))
+            .map_err(storage)?;
+        match before.next_back() {
+            Some(row) => Some(row.map_err(storage)?),
+            None => {
+                let mut after = chunks
+                    .range((p, sid, t)..=(p, sid, i64::MAX))
+                    .map_err(storage)?;
+                after.next().transpose().map_err(storage)?
+            }
+        }
+        .map(|(k, c)| (k.value().2, c.value()[8..].to_vec()))
+    };
+    let (mut samples, old_min_t) = match near {
+        Some((min_t, c)) => (decode_chunk(sid, &c)?, Some(min_t)),
+        None => (Vec::new(), None),
+    };
+    let late = merge_sample(&mut samples, t, v);
+    if late != Late::Stored {
+        return Ok(late);
+    }
+    if let Some(min_t) = old_min_t.filter(|&m| m != samples[0].0) {
+        chunks.remove((p, sid, min_t)).map_err(storage)?;
+    }
+    if samples.len() > LATE_CHUNK_MAX {
+        let (a, b) = samples.split_at(samples.len() / 2);
+        put_chunk(chunks, p, sid, a, value)?;
+        put_chunk(chunks, p, sid, b, value)?;
+    } else {
+        put_chunk(chunks, p, sid, &samples, value)?;
+    }
+    Ok(late)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The store on its own: exactly-once by sequence number, duplicate and out-of-order
+//! The store on its own: exactly-once by sequence number, duplicate, conflicting and late
 //! samples, chunk sealing, recovery of the head after reopening, checkpoints, retention,
 //! and series selection with all four matcher types.
 
@@ -167,7 +167,7 @@ fn a_replayed_batch_is_skipped_and_overlaps_are_refused() {
 }
 
 #[test]
-fn duplicates_and_out_of_order_samples_are_counted_not_stored() {
+fn late_samples_are_stored_in_order_and_resends_and_conflicts_are_not() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
     let mut refs = ConnRefs::default();
@@ -180,21 +180,26 @@ fn duplicates_and_out_of_order_samples_are_counted_not_stored() {
             (0, 2000, 2f64.to_bits()),
             (0, 2000, 2f64.to_bits()), // resend: same timestamp, same bits
             (0, 2000, 9f64.to_bits()), // conflicting value at a stored timestamp
-            (0, 1500, 3f64.to_bits()), // older than the newest
+            (0, 1500, 3f64.to_bits()), // older than the newest: stored in order
+            (0, 1000, 1f64.to_bits()), // a resend of an older sample
+            (0, 1500, 4f64.to_bits()), // conflicting with a late sample
             (0, 3000, 3f64.to_bits()),
         ],
     );
     assert_eq!(
         apply(&store, &b, &mut refs).unwrap(),
-        Applied::Stored { samples: 3 }
+        Applied::Stored { samples: 4 }
     );
     use std::sync::atomic::Ordering::Relaxed;
-    assert_eq!(store.metrics.samples_duplicate.load(Relaxed), 1);
-    assert_eq!(store.metrics.samples_out_of_order.load(Relaxed), 2);
+    assert_eq!(store.metrics.samples_duplicate.load(Relaxed), 2);
+    assert_eq!(store.metrics.samples_conflicting.load(Relaxed), 2);
+    assert_eq!(store.metrics.samples_out_of_order.load(Relaxed), 1);
+    assert_eq!(store.metrics.samples_appended.load(Relaxed), 4);
     assert_eq!(
         read(&store, "up"),
         vec![
             (1000, 1f64.to_bits()),
+            (1500, 3f64.to_bits()),
             (2000, 2f64.to_bits()),
             (3000, 3f64.to_bits())
         ]
@@ -205,8 +210,156 @@ fn duplicates_and_out_of_order_samples_are_counted_not_stored() {
         apply(&store, &bad, &mut refs),
         Err(ApplyError::Batch(_))
     ));
-    assert_eq!(read(&store, "up").len(), 3);
+    assert_eq!(read(&store, "up").len(), 4);
     assert_eq!(store.applied_seq("agent-a", 0), 1);
+}
+
+/// The chunks of the series `up` as (min_t, max_t, samples), checking each lies in one
+/// partition and that they are disjoint and in time order.
+fn chunk_shapes(store: &Store) -> Vec<(i64, i64, usize)> {
+    let r = store.reader().unwrap();
+    let m = [Matcher::new(MatchKind::Equal, "__name__", "up").unwrap()];
+    let sid = select(&r, &m, VIEW).unwrap()[0].0;
+    let d = r.series_data(sid, i64::MIN / 2, i64::MAX / 2).unwrap();
+    let shapes: Vec<(i64, i64, usize)> = d
+        .chunks
+        .iter()
+        .map(|(min_t, max_t, c)| (*min_t, *max_t, xor::decode(c).unwrap().len()))
+        .collect();
+    for (min_t, max_t, _) in &shapes {
+        assert_eq!(
+            promgate_server::store::partition_of(*min_t),
+            promgate_server::store::partition_of(*max_t),
+            "a chunk spans partitions: {shapes:?}"
+        );
+    }
+    for w in shapes.windows(2) {
+        assert!(w[0].1 < w[1].0, "chunks overlap: {w:?}");
+    }
+    shapes
+}
+
+/// What one agent shard's WAL holds when a sender's connection moved to the other
+/// shard while this one was behind: the other shard's newer samples of the same series
+/// reached the server first. Every one of these older samples was acknowledged, so
+/// every one must be stored.
+#[test]
+fn late_samples_from_another_shard_land_in_their_chunks_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = 100 * PARTITION_MS;
+    let start = base - 50 * 15_000;
+    let grid = |i: i64| start + i * 15_000;
+    // Shard 1 first: 300 samples 15 s apart, from 50 before a partition edge. Chunks:
+    // 50 | edge | 120, 120, and 10 open.
+    let on_time: Vec<(u32, i64, u64)> = (0..300)
+        .map(|i| (0, grid(i), (i as f64).to_bits()))
+        .collect();
+    let mut late: Vec<(u32, i64, u64)> = Vec::new();
+    // Between samples, in every chunk including the open one (the last at 298 + 1 s
+    // is before the newest, so it is late too).
+    for i in [0, 10, 49, 50, 51, 169, 170, 200, 290, 298] {
+        late.push((0, grid(i) + 1000, 1000f64.to_bits()));
+    }
+    // Before the first sample in its partition (moves that chunk's start), and a day
+    // earlier, in a partition holding nothing yet.
+    late.push((0, start - 7000, 7f64.to_bits()));
+    late.push((0, start - DAY_MS, 8f64.to_bits()));
+    late.push((0, start - DAY_MS + 5, 9f64.to_bits()));
+    // Enough into the second chunk after the edge (grid 170..290) that it is cut
+    // (more than 240 samples), and cut again.
+    for i in 171..290 {
+        late.push((0, grid(i) + 5000, 5000f64.to_bits()));
+        late.push((0, grid(i) + 10_000, 10_000f64.to_bits()));
+    }
+    let mut want: Vec<(i64, u64)> = on_time.iter().chain(&late).map(|s| (s.1, s.2)).collect();
+    want.sort();
+    // Resends and a conflict: stored neither.
+    let resent = [
+        (0, grid(10), 10f64.to_bits()),
+        (0, grid(10) + 1000, 1000f64.to_bits()),
+        (0, start - DAY_MS, 8f64.to_bits()),
+    ];
+    let conflict = (0, grid(200), 1f64.to_bits());
+    {
+        let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+        let mut refs1 = ConnRefs::default();
+        for (n, part) in on_time.chunks(70).enumerate() {
+            let seq = n as u64 + 1;
+            let intro: &[(u32, &[(&str, &str)])] = if n == 0 { &[(0, UP)] } else { &[] };
+            let mut b = batch(seq, seq, intro, part);
+            b.shard = 1;
+            apply(&store, &b, &mut refs1).unwrap();
+        }
+        assert_eq!(chunk_shapes(&store).len(), 4);
+        // Then shard 0, behind, with the older samples (in two batches).
+        let mut refs0 = ConnRefs::default();
+        let (a, b) = late.split_at(late.len() / 2);
+        apply(&store, &batch(1, 1, &[(0, UP)], a), &mut refs0).unwrap();
+        let mut rest = b.to_vec();
+        rest.extend(resent);
+        rest.push(conflict);
+        assert_eq!(
+            apply(&store, &batch(2, 2, &[], &rest), &mut refs0).unwrap(),
+            Applied::Stored {
+                samples: b.len() as u64
+            }
+        );
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = &store.metrics;
+        assert_eq!(m.samples_out_of_order.load(Relaxed), late.len() as u64);
+        assert_eq!(m.samples_duplicate.load(Relaxed), 3);
+        assert_eq!(m.samples_conflicting.load(Relaxed), 1);
+        assert_eq!(store.applied_seq("agent-a", 0), 2);
+        assert_eq!(store.applied_seq("agent-a", 1), 5);
+        assert_eq!(read(&store, "up"), want);
+        let shapes = chunk_shapes(&store);
+        // The day-early pair made a chunk of its own, and the chunk that took 239 late
+        // samples was cut once: day-early, 50 + 4, 120 + 3, two halves, 10 + 2 open.
+        assert_eq!(shapes[0], (start - DAY_MS, start - DAY_MS + 5, 2));
+        assert!(shapes.iter().all(|c| c.2 <= 240), "{shapes:?}");
+        assert_eq!(shapes.len(), 6, "{shapes:?}");
+    }
+    // Closing checkpoints; reopened, the head and the rewritten chunks are all there,
+    // and appending goes on after the newest sample.
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    assert_eq!(read(&store, "up"), want);
+    let t = grid(300);
+    let mut b = batch(6, 6, &[(0, UP)], &[(0, t, 1f64.to_bits())]);
+    b.shard = 1;
+    apply(&store, &b, &mut ConnRefs::default()).unwrap();
+    want.push((t, 1f64.to_bits()));
+    assert_eq!(read(&store, "up"), want);
+}
+
+/// Late samples can overfill the open chunk, which is then cut and its older half
+/// sealed. A reader opened before that must still find every sample it could see.
+#[test]
+fn a_reader_from_before_the_open_chunk_is_cut_misses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    let mut refs = ConnRefs::default();
+    let t0 = 100 * PARTITION_MS;
+    let on_time: Vec<(u32, i64, u64)> = (0..120)
+        .map(|i| (0, t0 + i * 10_000, (i as f64).to_bits()))
+        .collect();
+    apply(&store, &batch(1, 1, &[(0, UP)], &on_time), &mut refs).unwrap();
+    let before = store.reader().unwrap();
+    let old = read_with(&before, "up");
+    assert_eq!(old.len(), 120);
+    let late: Vec<(u32, i64, u64)> = (0..119)
+        .flat_map(|i| [3000, 6000].map(|d| (0, t0 + i * 10_000 + d, 0.5f64.to_bits())))
+        .collect();
+    apply(&store, &batch(2, 2, &[], &late), &mut refs).unwrap();
+    let seen = read_with(&before, "up");
+    assert!(
+        old.iter().all(|s| seen.contains(s)),
+        "the earlier reader lost samples: {} of {} left",
+        old.iter().filter(|s| seen.contains(s)).count(),
+        old.len()
+    );
+    assert_eq!(read(&store, "up").len(), 120 + late.len());
+    let shapes = chunk_shapes(&store);
+    assert!(shapes.len() >= 2, "the open chunk was not cut: {shapes:?}");
 }
 
 #[test]
