@@ -291,3 +291,74 @@ fn put_len(out: &mut Vec<u8>, key: u8, bytes: &[u8]) {
     put_varint(out, bytes.len() as u64);
     out.extend_from_slice(bytes);
 }
+
+/// A 1.0 series with these raw label fields (name, value bytes) and one sample.
+fn v1_series_raw(labels: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut ts = Vec::new();
+    for (n, v) in labels {
+        let mut l = Vec::new();
+        put_len(&mut l, 0x0a, n);
+        put_len(&mut l, 0x12, v);
+        put_len(&mut ts, 0x0a, &l);
+    }
+    let mut s = vec![0x09];
+    s.extend_from_slice(&1.5f64.to_le_bytes());
+    s.push(0x10);
+    put_varint(&mut s, 1_700_000_000_000);
+    put_len(&mut ts, 0x12, &s);
+    ts
+}
+
+/// UTF-8 in 1.0 labels is checked once per series when all its label bytes are ASCII,
+/// else label by label: both ways accept valid non-ASCII text and refuse a series with
+/// invalid bytes in a name or a value, keeping the others.
+#[test]
+fn v1_labels_with_invalid_utf8_are_refused_and_valid_non_ascii_kept() {
+    let long_ascii = vec![b'x'; 200]; // its length byte is not ASCII
+    let mut long_bad = long_ascii.clone();
+    long_bad[150] = 0xc3;
+    let series: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "ok_ascii",
+            v1_series_raw(&[(b"__name__", b"ok_ascii"), (b"v", b"plain")]),
+        ),
+        (
+            "ok_utf8",
+            v1_series_raw(&[(b"__name__", b"ok_utf8"), (b"v", "Zürich".as_bytes())]),
+        ),
+        (
+            "bad_value",
+            v1_series_raw(&[(b"__name__", b"bad_value"), (b"v", b"Z\xffrich")]),
+        ),
+        (
+            "bad_name",
+            v1_series_raw(&[(b"__name__", b"bad_name"), (b"\xc3v", b"x")]),
+        ),
+        (
+            "ok_long",
+            v1_series_raw(&[(b"__name__", b"ok_long"), (b"v", &long_ascii)]),
+        ),
+        (
+            "bad_long",
+            v1_series_raw(&[(b"__name__", b"bad_long"), (b"v", &long_bad)]),
+        ),
+    ];
+    let mut body = Vec::new();
+    for (_, s) in &series {
+        put_len(&mut body, 0x0a, s);
+    }
+    let (got, rejected) = decode_ours(Protocol::V1, &body);
+    let names: Vec<&str> = got
+        .iter()
+        .map(|s| {
+            s.labels
+                .iter()
+                .find(|l| l.0 == "__name__")
+                .unwrap()
+                .1
+                .as_str()
+        })
+        .collect();
+    assert_eq!(names, ["ok_ascii", "ok_utf8", "ok_long"]);
+    assert_eq!(rejected, 3);
+}
