@@ -29,6 +29,7 @@ use crate::wal::format::{put_pairs, put_series_targets, put_target, NO_TARGET};
 use hashbrown::HashMap;
 use promgate_proto::Decoded;
 use std::cell::RefCell;
+use std::cmp::Ordering;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -161,19 +162,36 @@ pub fn base_tags(cfg: &EnrichConfig) -> Labels {
 }
 
 /// How many of `tags` (sorted by name) are named like one of `labels` (sorted by name).
-pub fn count_clashes<'a, T: Ord + ?Sized + 'a>(
-    labels: impl Iterator<Item = &'a T>,
-    tags: impl Iterator<Item = &'a T>,
+pub fn count_clashes<'a>(
+    labels: impl Iterator<Item = &'a [u8]>,
+    tags: impl Iterator<Item = &'a [u8]>,
 ) -> u32 {
     let mut labels = labels.peekable();
     let mut n = 0;
     for t in tags {
-        while labels.next_if(|l| *l < t).is_some() {}
-        if labels.peek() == Some(&t) {
+        while labels
+            .next_if(|l| name_cmp(l, t) == Ordering::Less)
+            .is_some()
+        {}
+        if labels
+            .peek()
+            .is_some_and(|l| name_cmp(l, t) == Ordering::Equal)
+        {
             n += 1;
         }
     }
     n
+}
+
+/// Byte order of two label names, decided on the first byte when it differs (it
+/// usually does) before a `memcmp` call: this runs for every label of every series,
+/// where the calls were ~3% of the agent's cycles.
+#[inline]
+fn name_cmp(a: &[u8], b: &[u8]) -> Ordering {
+    match (a.first(), b.first()) {
+        (Some(x), Some(y)) if x != y => x.cmp(y),
+        _ => a.cmp(b),
+    }
 }
 
 /// Splits a series' labels (sorted by name) against its target's labels (sorted by
@@ -312,13 +330,14 @@ impl Enricher {
             let (mut job, mut instance) = (None, None);
             for l in labels {
                 let n = d.bytes(l.name);
-                if n == b"instance" {
-                    instance = Some(d.bytes(l.value));
-                } else if n == b"job" {
-                    job = Some(d.bytes(l.value));
-                    break; // names are sorted: `instance` came before
-                } else if n > &b"job"[..] {
-                    break;
+                match name_cmp(n, b"job") {
+                    Ordering::Less if n == b"instance" => instance = Some(d.bytes(l.value)),
+                    Ordering::Less => {}
+                    Ordering::Equal => {
+                        job = Some(d.bytes(l.value));
+                        break; // names are sorted: `instance` came before
+                    }
+                    Ordering::Greater => break,
                 }
             }
             let ix = match (job, instance) {
@@ -478,6 +497,20 @@ mod tests {
     }
 
     proptest! {
+        /// Against a set intersection, with names sharing first bytes and prefixes.
+        #[test]
+        fn clashes_are_the_names_both_sides_have(
+            labels in prop::collection::btree_set("[a-d_]{0,3}", 0..12),
+            tags in prop::collection::btree_set("[a-d_]{0,3}", 0..6),
+        ) {
+            let want = tags.intersection(&labels).count() as u32;
+            let got = count_clashes(
+                labels.iter().map(|n| n.as_bytes()),
+                tags.iter().map(|n| n.as_bytes()),
+            );
+            prop_assert_eq!(got, want);
+        }
+
         #[test]
         fn split_then_rejoin_gives_back_the_original_labels(
             mut series in label_set(),
