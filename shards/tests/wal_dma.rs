@@ -369,9 +369,16 @@ fn segment_writer_keeps_every_byte_across_partial_blocks() {
                 w.flush(true).await.unwrap(); // nothing new
             }
             let data = std::fs::read(&path).unwrap();
-            assert!(data.len() >= want.len() && data.len() % 512 == 0, "{}", data.len());
+            assert!(
+                data.len() >= want.len() && data.len() % 512 == 0,
+                "{}",
+                data.len()
+            );
             assert!(data[..want.len()] == want[..], "after write {i}");
-            assert!(data[want.len()..].iter().all(|&b| b == 0), "padding after {i}");
+            assert!(
+                data[want.len()..].iter().all(|&b| b == 0),
+                "padding after {i}"
+            );
         }
         w.close().await.unwrap();
         assert!(std::fs::read(&path).unwrap() == want, "after close");
