@@ -1948,6 +1948,10 @@ fn store_late(
     if late != Late::Stored {
         return Ok(late);
     }
+    // A sealed chunk changed: a checkpoint running meanwhile must write this series'
+    // open chunk again at its end, or a crash could leave the sealed chunk durable
+    // without the open chunk that keeps resends of its samples from being stored twice.
+    h.sealed_gen = sealed_gen;
     if let Some(min_t) = old_min_t.filter(|&m| m != samples[0].0) {
         chunks.remove((p, sid, min_t)).map_err(storage)?;
     }

@@ -935,7 +935,14 @@ fn a_crash_after_a_checkpoint_that_batches_interleaved_loses_and_duplicates_noth
     let next: Vec<(u32, i64, u64)> = (0..12u32).map(|r| (r, base + 120_000, bits(120))).collect();
     let n0: &[(&str, &str)] = &[("__name__", "n0"), ("job", "node")];
     let other: Vec<(u32, i64, u64)> = (0..3).map(|k| (0, base + k * 1000, bits(k))).collect();
-    let mut other_batch = batch(1, 1, &[(0, n0)], &other);
+    // A series made after the checkpoint began (shard 0), and shard 1's older samples
+    // of it, which go into a sealed chunk of their own.
+    let s: &[(&str, &str)] = &[("__name__", "s"), ("job", "node")];
+    let t = base + 500_000;
+    let new_series = batch(3, 3, &[(20, s)], &[(20, t, bits(3))]);
+    let mut late_too = other.clone();
+    late_too.extend([(1, t - 10, bits(2)), (1, t - 20, bits(1))]);
+    let mut other_batch = batch(1, 1, &[(0, n0), (1, s)], &late_too);
     other_batch.shard = 1;
     {
         let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
@@ -949,6 +956,7 @@ fn a_crash_after_a_checkpoint_that_batches_interleaved_loses_and_duplicates_noth
                 if pauses == 1 {
                     apply(&store, &batch(2, 2, &[], &next), &mut refs).unwrap();
                 } else {
+                    apply(&store, &new_series, &mut refs).unwrap();
                     apply(&store, &other_batch, &mut ConnRefs::default()).unwrap();
                 }
             })
@@ -956,7 +964,7 @@ fn a_crash_after_a_checkpoint_that_batches_interleaved_loses_and_duplicates_noth
         assert!(committed);
         assert_eq!(pauses, 2);
         let l = store.ledger("agent-a", 0);
-        assert_eq!((l.applied, l.durable), (2, 1));
+        assert_eq!((l.applied, l.durable), (3, 1));
         // The crash: the files as they are now, before anything else is committed.
         for e in std::fs::read_dir(dir.path()).unwrap() {
             let e = e.unwrap();
@@ -972,10 +980,16 @@ fn a_crash_after_a_checkpoint_that_batches_interleaved_loses_and_duplicates_noth
         let got = read(&store, n).len();
         assert!(got == 120 || got == 121, "{n}: {got} samples");
     }
-    // The agents resend from the target.
+    // The agents resend from the target, shard 1 first: its older samples of `s`
+    // must be found stored, not stored again.
+    apply(&store, &other_batch, &mut ConnRefs::default()).unwrap();
     let mut refs = ConnRefs::default();
     apply(&store, &batch(2, 2, &intro, &next), &mut refs).unwrap();
-    apply(&store, &other_batch, &mut ConnRefs::default()).unwrap();
+    apply(&store, &new_series, &mut refs).unwrap();
+    assert_eq!(
+        read(&store, "s"),
+        vec![(t - 20, bits(1)), (t - 10, bits(2)), (t, bits(3))]
+    );
     for n in &names {
         let want: Vec<(i64, u64)> = (0..121).map(|k| (base + k * 1000, bits(k))).collect();
         assert_eq!(read(&store, n), want, "{n}");
