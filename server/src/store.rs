@@ -1455,12 +1455,15 @@ impl Store {
                                 continue;
                             }
                         } else if h.partition != p || h.enc.len() >= SAMPLES_PER_CHUNK_MAX {
-                            value.clear();
-                            value.extend_from_slice(&h.max_t.to_le_bytes());
-                            value.extend_from_slice(h.enc.bytes());
-                            chunks
-                                .insert((h.partition, sid, h.min_t), value.as_slice())
-                                .map_err(storage)?;
+                            let span = (h.min_t, h.max_t);
+                            put_chunk_row(
+                                &mut chunks,
+                                h.partition,
+                                sid,
+                                span,
+                                h.enc.bytes(),
+                                &mut value,
+                            )?;
                             self.metrics.chunks_sealed.fetch_add(1, Relaxed);
                             let dirty = h.dirty;
                             *h = HeadSeries::new(t, v, sealed_gen);
@@ -1867,6 +1870,26 @@ fn encode_samples(samples: &[(i64, f64)]) -> XorEncoder {
     enc
 }
 
+/// Writes the sealed chunk `chunk` of `sid` spanning `(min_t, max_t)` as its `chunks`
+/// row: key `(partition, sid, min_t)`, value `max_t` LE then the chunk (`value` is
+/// scratch).
+fn put_chunk_row(
+    chunks: &mut redb::Table<(i64, u64, i64), &[u8]>,
+    partition: i64,
+    sid: u64,
+    (min_t, max_t): (i64, i64),
+    chunk: &[u8],
+    value: &mut Vec<u8>,
+) -> Result<(), ApplyError> {
+    value.clear();
+    value.extend_from_slice(&max_t.to_le_bytes());
+    value.extend_from_slice(chunk);
+    chunks
+        .insert((partition, sid, min_t), value.as_slice())
+        .map_err(storage)?;
+    Ok(())
+}
+
 /// Writes `samples` (in time order, within `partition`) as one sealed chunk.
 fn put_chunk(
     chunks: &mut redb::Table<(i64, u64, i64), &[u8]>,
@@ -1875,14 +1898,9 @@ fn put_chunk(
     samples: &[(i64, f64)],
     value: &mut Vec<u8>,
 ) -> Result<(), ApplyError> {
-    let (min_t, max_t) = (samples[0].0, samples[samples.len() - 1].0);
-    value.clear();
-    value.extend_from_slice(&max_t.to_le_bytes());
-    value.extend_from_slice(encode_samples(samples).bytes());
-    chunks
-        .insert((partition, sid, min_t), value.as_slice())
-        .map_err(storage)?;
-    Ok(())
+    let span = (samples[0].0, samples[samples.len() - 1].0);
+    let chunk = encode_samples(samples);
+    put_chunk_row(chunks, partition, sid, span, chunk.bytes(), value)
 }
 
 fn decode_chunk(sid: u64, chunk: &[u8]) -> Result<Vec<(i64, f64)>, ApplyError> {
