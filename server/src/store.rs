@@ -83,9 +83,10 @@
 //!
 //! Every durable commit (a checkpoint, retention) writes the changed open chunks, so
 //! `head`, `chunks` and `applied` always agree on disk. After a rollback (a failed
-//! commit reopens the database) the store's epoch changes and every ship connection
+//! batch or commit) the store's epoch changes and every ship connection
 //! must say hello again, so none keeps series references or a sequence number from
-//! before it.
+//! before it. The rollback restores a savepoint taken at the last durable commit
+//! ([`Store::roll_back`]); it reopens the database only when redb refuses that.
 //!
 //! ## Late samples
 //!
@@ -551,6 +552,10 @@ pub struct Ledger {
 }
 
 pub struct Store {
+    /// The database as of its last durable commit, taken right after it (under the
+    /// head lock, so no other commit comes between): what [`Store::roll_back`] restores.
+    /// `None` if it could not be taken. Declared before `db`, so it is dropped first.
+    durable_state: Mutex<Option<redb::Savepoint>>,
     /// `None` only while being reopened after an I/O error.
     db: std::sync::RwLock<Option<Database>>,
     path: std::path::PathBuf,
@@ -863,6 +868,7 @@ impl Store {
         tx.commit()?;
         let db_file = std::fs::File::open(&path).ok();
         let store = Store {
+            durable_state: Mutex::new(None),
             db: std::sync::RwLock::new(Some(db)),
             path,
             cache_bytes,
@@ -886,6 +892,7 @@ impl Store {
         {
             let mut head = store.head.lock().expect("not poisoned");
             store.load_head(&mut head)?;
+            store.note_durable_state();
         }
         Ok(store)
     }
@@ -937,16 +944,78 @@ impl Store {
         self.with_db(Database::begin_write)
     }
 
-    /// After a failed commit (disk full, I/O error) redb refuses every later
-    /// transaction until the database is reopened: close it and open it again, which
-    /// recovers the last durable commit. Called with the head lock held (no writer runs).
+    /// Keeps the database's current state as the one [`Store::roll_back`] restores.
+    /// Called with the head lock held, right after a durable commit (or at open), so
+    /// the state is exactly that commit's. A savepoint costs a write transaction that
+    /// is aborted, and keeps the pages of that state from being reused until the next
+    /// durable commit replaces it (redb does not reuse pages freed by non-durable
+    /// commits before then anyway).
+    fn note_durable_state(&self) {
+        let mut slot = self.durable_state.lock().expect("not poisoned");
+        // The old savepoint goes first: it would pin the pages of an older state.
+        *slot = None;
+        let taken = self.begin_write().and_then(|tx| {
+            let sp = tx.ephemeral_savepoint().map_err(storage)?;
+            tx.abort().map_err(storage)?;
+            Ok(sp)
+        });
+        match taken {
+            Ok(sp) => *slot = Some(sp),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot keep the durable state; a rollback will reopen the store instead");
+            }
+        }
+    }
+
+    /// Rolls the database back to its last durable commit after a failed batch or
+    /// commit, whose changes memory may hold in part (the head is rebuilt from disk at
+    /// the next use). Called with the head lock held (no writer runs).
+    ///
+    /// It restores the savepoint taken at that commit and commits that state durably.
+    /// Reopening alone is not a rollback when redb itself saw no I/O failure: dropping
+    /// a `Database` (redb 2.6) makes a quick-repair commit, which is durable and would
+    /// make every non-durable commit since the checkpoint durable with it: `applied` as
+    /// of the last batch, with the open chunks as of the checkpoint, so samples the
+    /// agents then delete from their WALs would be lost. Only when the restore fails
+    /// (after an I/O error redb refuses every write) is the database reopened; redb's
+    /// own recovery then goes back to the last durable commit, since that drop cannot
+    /// commit either.
+    fn roll_back(&self) {
+        let restored = {
+            let slot = self.durable_state.lock().expect("not poisoned");
+            match slot.as_ref() {
+                Some(sp) => self.begin_write().and_then(|mut tx| {
+                    tx.restore_savepoint(sp).map_err(storage)?;
+                    tx.commit().map_err(storage)
+                }),
+                None => Err(ApplyError::Storage("no durable state kept".into())),
+            }
+        };
+        match restored {
+            Ok(()) => {
+                tracing::warn!(path = %self.path.display(), "store rolled back to its last durable commit after a failed batch or commit");
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot restore the last durable commit in place; reopening the store");
+                self.reopen();
+            }
+        }
+    }
+
+    /// Closes the database and opens it again, which recovers the last durable commit
+    /// after a failed one: redb refuses every transaction after an I/O error until then.
+    /// Called with the head lock held (no writer runs).
     fn reopen(&self) {
+        // Savepoints must not outlive their database.
+        *self.durable_state.lock().expect("not poisoned") = None;
         let mut slot = self.db.write().expect("not poisoned");
         drop(slot.take());
         match open_db(&self.path, self.cache_bytes) {
             Ok(db) => {
                 tracing::warn!(path = %self.path.display(), "store reopened after a failed commit");
                 *slot = Some(db);
+                drop(slot);
+                self.note_durable_state();
             }
             Err(e) => {
                 tracing::error!(path = %self.path.display(), error = %e, "cannot reopen the store yet; the next batch tries again");
@@ -1103,13 +1172,14 @@ impl Store {
             if let Err(e) = result {
                 self.metrics.commit_errors.fetch_add(1, Relaxed);
                 head.stale = true;
-                self.reopen();
+                self.roll_back();
                 return Err(e);
             }
             if last {
                 head.durable = target;
                 head.generation += 1;
                 head.last_checkpoint = Instant::now();
+                self.note_durable_state();
                 break;
             }
             drop(head);
@@ -1200,7 +1270,7 @@ impl Store {
     }
 
     /// After a durable commit: on success the durable point moves up; on failure the
-    /// database is reopened and the head rebuilt at the next use.
+    /// database is rolled back and the head rebuilt at the next use.
     fn finish_durable_commit(
         &self,
         head: &mut Head,
@@ -1216,12 +1286,13 @@ impl Store {
                 head.durable = head.applied.clone();
                 head.generation += 1;
                 head.last_checkpoint = Instant::now();
+                self.note_durable_state();
                 Ok(())
             }
             Err(e) => {
                 self.metrics.commit_errors.fetch_add(1, Relaxed);
                 head.stale = true;
-                self.reopen();
+                self.roll_back();
                 Err(e)
             }
         }
@@ -1274,9 +1345,10 @@ impl Store {
                 // Connection refs may point at series ids that were never committed.
                 refs.clear();
                 if matches!(e, ApplyError::Storage(_)) {
-                    // Memory may hold part of the batch: rebuilt from the last
-                    // checkpoint at the next use (every connection resends from there).
-                    self.reopen();
+                    // Memory may hold part of the batch: rolled back to the last
+                    // durable commit and rebuilt from it at the next use (every
+                    // connection resends from there).
+                    self.roll_back();
                 } else {
                     // Refused before anything in memory changed.
                     head.stale = false;
@@ -1576,17 +1648,20 @@ impl Store {
         }
         let tx = self.begin_write().map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut partitions = hashbrown::HashSet::new();
-        {
+        // Any failure from here on goes through `finish_durable_commit`: memory may
+        // have lost some expired series already, so the store is rolled back.
+        let deleted = (|| -> Result<(), ApplyError> {
             let lo = (i64::MIN, 0u64, i64::MIN);
             let hi = (cutoff, 0u64, i64::MIN);
             for def in [CHUNKS, HISTOGRAMS, EXEMPLARS] {
-                let mut t = tx.open_table(def)?;
+                let mut t = tx.open_table(def).map_err(storage)?;
                 t.retain_in(lo..hi, |k, _| {
                     partitions.insert(k.0);
                     false
-                })?;
+                })
+                .map_err(storage)?;
             }
-            let mut h = tx.open_table(HEAD)?;
+            let mut h = tx.open_table(HEAD).map_err(storage)?;
             let expired: Vec<u64> = head
                 .series
                 .iter()
@@ -1594,14 +1669,16 @@ impl Store {
                 .map(|(sid, _)| sid)
                 .collect();
             for &sid in &expired {
-                h.remove(sid)?;
+                h.remove(sid).map_err(storage)?;
                 if let Some(s) = head.series.remove(sid) {
                     partitions.insert(s.partition);
                 }
             }
-        }
+            Ok(())
+        })();
         // A durable commit: it carries the open chunks changed since the last one.
-        let result = Store::write_dirty_head(&tx, &head, &head.dirty)
+        let result = deleted
+            .and_then(|()| Store::write_dirty_head(&tx, &head, &head.dirty))
             .and_then(|()| tx.commit().map_err(storage));
         self.finish_durable_commit(&mut head, result)
             .map_err(|e| anyhow::anyhow!("{e}"))?;

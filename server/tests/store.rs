@@ -997,3 +997,92 @@ fn a_crash_after_a_checkpoint_that_batches_interleaved_loses_and_duplicates_noth
     let want: Vec<(i64, u64)> = other.iter().map(|s| (s.1, s.2)).collect();
     assert_eq!(read(&store, "n0"), want);
 }
+
+/// A batch that fails in the middle for a reason other than I/O (here a late sample
+/// falls into a stored chunk that does not decode) rolls the store back to its last
+/// durable commit: `applied` goes back to it, so the agent resends what came after, and
+/// nothing applied since is lost. Reopening the database alone would not do it: redb's
+/// drop commits durably, which kept `applied` as of the last batch while the open chunks
+/// went back to the checkpoint.
+#[test]
+fn a_batch_that_fails_without_an_io_error_rolls_back_to_the_last_checkpoint() {
+    use redb::{ReadableTable, ReadableTableMetadata};
+    const CHUNKS: redb::TableDefinition<(i64, u64, i64), &[u8]> =
+        redb::TableDefinition::new("chunks");
+    let dir = tempfile::tempdir().unwrap();
+    let base = 100 * PARTITION_MS;
+    let bits = |k: i64| (k as f64).to_bits();
+    let old: &[(&str, &str)] = &[("__name__", "old"), ("job", "node")];
+    let up_at = |ks: std::ops::Range<i64>| -> Vec<(u32, i64, u64)> {
+        ks.map(|k| (0, base + k * 1000, bits(k))).collect()
+    };
+    {
+        // `up` has 10 samples in its open chunk, `old` a sealed chunk of 120.
+        let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+        let mut samples = up_at(0..10);
+        samples.extend((0..=120).map(|k| (1, base + k * 1000, bits(k))));
+        let b = batch(1, 1, &[(0, UP), (1, old)], &samples);
+        apply(&store, &b, &mut ConnRefs::default()).unwrap();
+        assert!(store.checkpoint().unwrap());
+    }
+    {
+        // `old`'s sealed chunk is damaged: it claims 5 samples and holds none.
+        let db = redb::Database::open(dir.path().join("prometheus.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(CHUNKS).unwrap();
+            let (key, mut value) = {
+                let (k, v) = t.first().unwrap().expect("old's sealed chunk");
+                (k.value(), v.value().to_vec())
+            };
+            value.truncate(8); // max_t, then the chunk
+            value.extend_from_slice(&[0, 5]);
+            t.insert(key, value.as_slice()).unwrap();
+            assert_eq!(t.len().unwrap(), 1);
+        }
+        tx.commit().unwrap();
+    }
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    let mut refs = ConnRefs::default();
+    let second = batch(2, 2, &[(0, UP)], &up_at(10..20));
+    apply(&store, &second, &mut refs).unwrap();
+    assert_eq!(read(&store, "up").len(), 20);
+    assert_eq!(
+        store.ledger("agent-a", 0),
+        Ledger {
+            applied: 2,
+            durable: 1
+        }
+    );
+    // Shard 1's late sample of `old` lands in the damaged chunk.
+    let mut late = batch(1, 1, &[(0, old)], &[(0, base + 50_500, bits(-1))]);
+    late.shard = 1;
+    let e = apply(&store, &late, &mut ConnRefs::default()).unwrap_err();
+    assert!(
+        matches!(&e, ApplyError::Storage(m) if m.contains("corrupt")),
+        "{e:?}"
+    );
+    // Back to the checkpoint: the agent resends batch 2, which is stored again.
+    let mut refs = ConnRefs::default();
+    let l = store.hello("agent-a", 0, &mut refs);
+    assert_eq!(
+        l,
+        Ledger {
+            applied: 1,
+            durable: 1
+        },
+        "applied after the rollback"
+    );
+    assert_eq!(read(&store, "up").len(), 10);
+    assert_eq!(store.applied_seq("agent-a", 1), 0);
+    assert_eq!(
+        apply(&store, &second, &mut refs).unwrap(),
+        Applied::Stored { samples: 10 }
+    );
+    assert!(store.checkpoint().unwrap());
+    drop(store);
+    let store = Store::open(dir.path(), 15 * DAY_MS).unwrap();
+    let want: Vec<(i64, u64)> = (0..20).map(|k| (base + k * 1000, bits(k))).collect();
+    assert_eq!(read(&store, "up"), want);
+    assert_eq!(store.applied_seq("agent-a", 0), 2);
+}
