@@ -129,7 +129,7 @@ pub fn run(data_dir: &Path, dump: bool) -> anyhow::Result<bool> {
             }
             if scan.tail_bytes > 0 {
                 lines.push(format!(
-                    "  torn tail: {} bytes after offset {} (dropped at the next start if this is the newest segment)",
+                    "  tail: {} bytes after offset {} that are no record of this segment (block padding, a torn write, or a reused file's old records; dropped at the next start if this is the newest segment)",
                     scan.tail_bytes, scan.valid_end
                 ));
             }

@@ -460,7 +460,7 @@ fn render_wal(shards: &[ShardMetrics], out: &mut String) {
         ),
         (
             "promgate_agent_wal_torn_tail_bytes_total",
-            "Bytes of torn tail truncated at start-up.",
+            "Bytes cut off the newest segment at start-up: a torn write, block padding, or a reused segment file's old records.",
             |m| &m.wal.torn_tail_bytes,
         ),
         (

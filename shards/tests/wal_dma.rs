@@ -5,7 +5,7 @@
 
 use promgate_shards::metrics::ShardMetrics;
 use promgate_shards::wal::format::{self, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
-use promgate_shards::wal::storage::{list_segments, DmaStorage};
+use promgate_shards::wal::storage::{list_segments, DmaStorage, SPARES_MAX, SPARE_SUFFIX};
 use promgate_shards::wal::{Fsync, Wal, WalConfig, WalError};
 use std::path::Path;
 use std::sync::Arc;
@@ -382,5 +382,122 @@ fn segment_writer_keeps_every_byte_across_partial_blocks() {
         }
         w.close().await.unwrap();
         assert!(std::fs::read(&path).unwrap() == want, "after close");
+    });
+}
+
+/// Appends record `seq` (its payload is `payload(seq)`).
+async fn append(wal: &Wal<DmaStorage>, seq: u64) {
+    let p = payload(seq);
+    let s = wal
+        .append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |o| {
+            o.extend_from_slice(&p)
+        })
+        .await
+        .unwrap();
+    assert_eq!(s, seq);
+}
+
+/// The spare segment files of a directory.
+fn spares(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(SPARE_SUFFIX))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Acknowledged segments are kept as spare files (at most `SPARES_MAX`, the rest are
+/// deleted) and the next segments are written over them. After a crash in the middle of
+/// such a segment, its new records are recovered and the old ones behind them, which
+/// are still in the file with valid checksums, never come back: not as records, not as
+/// corruption. A spare renamed to a new segment whose new header never reached the
+/// disk is removed at recovery, and nothing else changes.
+#[test]
+fn acknowledged_segments_are_written_over_and_their_old_records_never_come_back() {
+    with_dir("spare", |d| async move {
+        let wal = open(&d);
+        // 10 KB records, 64 KiB segments: 7 records per segment.
+        for seq in 1..=24 {
+            append(&wal, seq).await;
+        }
+        let sealed_before = list_segments(&d).unwrap().len() - 1;
+        assert!(
+            sealed_before > SPARES_MAX,
+            "{sealed_before} sealed segments"
+        );
+        wal.ack(24).await.unwrap();
+        let kept = spares(&d);
+        assert_eq!(kept.len(), SPARES_MAX, "{kept:?}");
+        let spare_bytes: Vec<u64> = kept
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .collect();
+        // Fill the open segment until a new one is made: it is a spare, written over.
+        let open_first = *list_segments(&d).unwrap().last().unwrap();
+        let mut seq = 25;
+        while *list_segments(&d).unwrap().last().unwrap() == open_first {
+            append(&wal, seq).await;
+            seq += 1;
+            assert!(seq < 100, "no new segment");
+        }
+        let newest = *list_segments(&d).unwrap().last().unwrap();
+        assert_eq!(
+            spares(&d).len(),
+            SPARES_MAX - 1,
+            "the new segment took a spare"
+        );
+        let newest_path = d.join(format::segment_file_name(newest));
+        assert!(
+            std::fs::metadata(&newest_path).unwrap().len() >= spare_bytes[0].min(spare_bytes[1]),
+            "the new segment is not a spare written over"
+        );
+        append(&wal, seq).await;
+        let last = seq;
+        // The crash: no close, so nothing trims the file to its records.
+        drop(wal);
+        let data = std::fs::read(&newest_path).unwrap();
+        let scan = format::scan(&data).unwrap();
+        assert!(scan.corruption.is_empty(), "{:?}", scan.corruption);
+        assert!(
+            scan.tail_bytes > 0,
+            "no old records were left behind the new ones"
+        );
+
+        let metrics = Arc::new(vec![ShardMetrics::default()]);
+        let (wal, rec) = Wal::open(DmaStorage::open(&d).unwrap(), 0, config(), metrics).unwrap();
+        assert!(
+            rec.corruption.is_empty() && rec.unreadable.is_empty(),
+            "{rec:?}"
+        );
+        assert_eq!(rec.last_seq, Some(last));
+        let disk = on_disk(&d);
+        let want: Vec<u64> = disk.iter().map(|r| r.0).filter(|s| *s > 24).collect();
+        assert_eq!(want, (25..=last).collect::<Vec<_>>());
+        assert!(disk.iter().all(|(s, p)| *p == payload(*s)));
+        assert_eq!(
+            std::fs::metadata(&newest_path).unwrap().len() as usize,
+            scan.valid_end,
+            "recovery cut the old records off"
+        );
+        wal.close().await.unwrap();
+        drop(wal);
+
+        // A spare renamed to the next segment, but its new header never written.
+        let spare = spares(&d).pop().expect("a spare is left");
+        let torn = d.join(format::segment_file_name(last + 1));
+        std::fs::rename(&spare, &torn).unwrap();
+        let metrics = Arc::new(vec![ShardMetrics::default()]);
+        let (wal, rec) = Wal::open(DmaStorage::open(&d).unwrap(), 0, config(), metrics).unwrap();
+        assert!(
+            rec.corruption.is_empty() && rec.unreadable.is_empty(),
+            "{rec:?}"
+        );
+        assert!(!torn.exists(), "the torn creation was kept");
+        assert_eq!(rec.last_seq, Some(last));
+        assert_eq!(on_disk(&d), disk);
+        append(&wal, last + 1).await;
+        wal.close().await.unwrap();
     });
 }

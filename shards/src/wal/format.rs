@@ -99,13 +99,16 @@
 //! record that fails, the scan looks ahead (8-byte steps) for a valid record with a
 //! higher `seq`:
 //! - none found: everything from there on is a **torn tail** (a write cut short by a
-//!   crash, or the zero/stale padding of the last flushed block). In the newest segment
+//!   crash, the zero/stale padding of the last flushed block, or the old records of a
+//!   reused (spare) segment file, see `wal::storage::SPARES_MAX`). In the newest segment
 //!   it is truncated away; in an older one it is reported as corruption.
 //! - found: the bytes between are a **corrupt record in the middle**, reported with the
 //!   sequence numbers it lost (never silently skipped), and the scan continues there.
 //!
-//! Stale bytes in padding can hold old but CRC-valid records; the consecutive-`seq` rule
-//! keeps them out, since a segment's sequence numbers only grow.
+//! Stale bytes in padding, and a reused file's old records, can be CRC-valid records;
+//! the consecutive-`seq` rule and the look-ahead's higher-`seq` rule keep them out, since
+//! sequence numbers only grow and a file is reused only once all its records were
+//! acknowledged.
 
 pub const SEGMENT_MAGIC: &[u8; 8] = b"PGWALSEG";
 pub const SEGMENT_VERSION: u32 = 1;

@@ -41,6 +41,16 @@
 //! [`Wal::ack`] is the shipper's acknowledgement: every sealed segment whose records are
 //! all at or below the acknowledged sequence number is deleted, on the shard's blocking
 //! thread (an unlink and directory fsyncs wait for the disk; the shard keeps serving).
+//! Up to [`storage::SPARES_MAX`] deleted segment files are kept as spares
+//! (`<first_seq>.spare`) and written over by the next new segments, which saves the
+//! unlink's trim and the new file's block allocation, both of which stall every
+//! fdatasync on the filesystem (see `DmaStorage::recycle`). The new records are
+//! followed by the old file's records until they reach its end; those have lower
+//! sequence numbers, so the scan never takes them for the segment's (it stops at the
+//! first record that is not the next one), and recovery cuts them off the newest
+//! segment like a torn tail. A crash between renaming the spare and syncing its new
+//! header leaves a newest segment whose header names an older first record: it held
+//! nothing acknowledged, and recovery removes it.
 //! `retention_bytes` / `retention_age_s` (both off by default) delete the oldest sealed
 //! segments even if unshipped; what they drop is counted as unshipped.
 
@@ -317,6 +327,14 @@ impl<S: Storage> Wal<S> {
             }
             let scan = match format::scan(&data) {
                 Ok(s) if s.header.first_seq == first => s,
+                Ok(s) if newest && s.header.first_seq < first => {
+                    // A spare file renamed to the newest segment whose new header
+                    // never became durable: it holds only an acknowledged segment's
+                    // old records, and never held an acknowledged record of its own.
+                    storage.remove(first)?;
+                    rec.torn_tail_bytes += data.len() as u64;
+                    continue;
+                }
                 Ok(s) => {
                     let why = format!("header says first_seq {}", s.header.first_seq);
                     rec.unreadable.push((first, why));

@@ -43,6 +43,11 @@ pub trait Storage {
     /// Cuts a segment to `len` bytes, durably.
     fn truncate(&self, first_seq: u64, len: u64) -> io::Result<()>;
     fn remove(&self, first_seq: u64) -> io::Result<()>;
+    /// Removes an acknowledged segment, durably, possibly keeping its file for a later
+    /// [`Storage::create`] to write over. Here the same as [`Storage::remove`].
+    fn recycle(&self, first_seq: u64) -> io::Result<()> {
+        self.remove(first_seq)
+    }
     /// Saves the floor `next_seq` ([`Storage::save_floor`]), then removes the segments
     /// `firsts` in order. Returns how many were removed and the first error. Here at
     /// once; [`DmaStorage`] runs it on the shard's blocking thread.
@@ -85,12 +90,19 @@ pub(crate) fn retire_now<S: Storage + ?Sized>(
         return (0, Err(e));
     }
     for (removed, first) in firsts.iter().enumerate() {
-        if let Err(e) = storage.remove(*first) {
+        if let Err(e) = storage.recycle(*first) {
             return (removed, Err(e));
         }
     }
     (firsts.len(), Ok(()))
 }
+
+/// Acknowledged segment files kept for reuse, at most; beyond that they are deleted.
+pub const SPARES_MAX: usize = 2;
+
+/// Name suffix of a segment file kept for reuse (`<first_seq as 16 hex digits>.spare`).
+/// Segment listings ignore it.
+pub const SPARE_SUFFIX: &str = ".spare";
 
 /// Segments as files, written with glommio's direct I/O stream writer.
 #[derive(Clone)]
@@ -112,6 +124,34 @@ impl DmaStorage {
 
     fn sync_dir(&self) -> io::Result<()> {
         std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// The spare segment files of the directory.
+    fn spares(&self) -> io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.ends_with(SPARE_SUFFIX))
+            {
+                out.push(entry.path());
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Renames a spare file to the segment `path` and syncs the directory; `false` if
+    /// there is no spare.
+    fn reuse_spare(&self, path: &Path) -> io::Result<bool> {
+        let Some(spare) = self.spares()?.into_iter().next() else {
+            return Ok(false);
+        };
+        std::fs::rename(spare, path)?;
+        self.sync_dir()?;
+        Ok(true)
     }
 }
 
@@ -216,6 +256,24 @@ impl Storage for DmaStorage {
         self.sync_dir()
     }
 
+    /// Renames the segment to a spare while fewer than [`SPARES_MAX`] are kept, and
+    /// deletes it otherwise. A rename is cheap where a delete is not: on a filesystem
+    /// mounted with `discard` (as on this machine) the freed blocks are trimmed inside
+    /// the journal commit, and every WAL fdatasync of the disk waits behind it (50-250
+    /// ms at each checkpoint's acknowledgement, the agent's worst latency at a steady
+    /// rate). And a segment written over an old one's blocks, which are allocated and
+    /// written, needs no allocation and no journal commit to sync its records.
+    fn recycle(&self, first_seq: u64) -> io::Result<()> {
+        let path = self.path(first_seq);
+        if self.spares()?.len() >= SPARES_MAX {
+            std::fs::remove_file(path)?;
+        } else {
+            let spare = self.dir.join(format!("{first_seq:016x}{SPARE_SUFFIX}"));
+            std::fs::rename(path, spare)?;
+        }
+        self.sync_dir()
+    }
+
     async fn read_window(&self, first_seq: u64, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         // The shipper catching up from disk: the read waits for the device, so it runs
         // on the blocking thread while the shard serves its connections.
@@ -264,17 +322,32 @@ impl Storage for DmaStorage {
                 format!("{} already exists", path.display()),
             ));
         }
-        let file = glommio::io::DmaFile::create(&path)
-            .await
-            .map_err(io::Error::from)?;
-        // The new name must survive a crash before any record in it is acknowledged.
-        // The directory fsync waits for the filesystem's journal (tens of ms when it
-        // also carries a deleted segment's freed blocks): on the blocking thread, so
-        // the shard's other connections are served meanwhile.
+        // A spare file (an acknowledged segment's) is written over from its start: its
+        // old records after the new ones have lower sequence numbers, which recovery
+        // never takes for the new segment's (see `Wal::open`). The new name must
+        // survive a crash before any record in it is acknowledged. The rename and the
+        // directory fsync wait for the filesystem's journal: on the blocking thread,
+        // so the shard's other connections are served meanwhile.
         let storage = self.clone();
-        glommio::executor()
-            .spawn_blocking(move || storage.sync_dir())
+        let at = path.clone();
+        let reused = glommio::executor()
+            .spawn_blocking(move || storage.reuse_spare(&at))
             .await?;
+        let file = if reused {
+            glommio::io::OpenOptions::new()
+                .write(true)
+                .dma_open(&path)
+                .await
+        } else {
+            glommio::io::DmaFile::create(&path).await
+        }
+        .map_err(io::Error::from)?;
+        if !reused {
+            let storage = self.clone();
+            glommio::executor()
+                .spawn_blocking(move || storage.sync_dir())
+                .await?;
+        }
         let mut writer = DmaSegmentWriter {
             file,
             staged: Vec::new(),
