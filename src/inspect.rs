@@ -58,6 +58,23 @@ pub fn run(data_dir: &Path, dump: bool) -> anyhow::Result<bool> {
                 continue;
             }
             let scan = match format::scan(&data) {
+                Ok(s) if s.header.first_seq < first => {
+                    lines.push(format!(
+                        "  segment {}: a spare file whose new header never became durable (it holds only acknowledged records from {}; removed at the next start)",
+                        format::segment_file_name(first),
+                        s.header.first_seq
+                    ));
+                    continue;
+                }
+                Ok(s) if s.header.first_seq != first => {
+                    t.problems += 1;
+                    lines.push(format!(
+                        "  segment {}: unreadable: header says first_seq {}",
+                        path.display(),
+                        s.header.first_seq
+                    ));
+                    continue;
+                }
                 Ok(s) => s,
                 Err(e) => {
                     t.problems += 1;

@@ -137,7 +137,44 @@ fn sigkill_mid_stream_loses_no_acknowledged_sample() {
         acked.iter().any(|s| s.value.to_bits() == STALE_NAN_BITS),
         "the load carried no staleness markers"
     );
-    assert_all_present(&acked, &dumped(&data));
+    let on_disk = dumped(&data);
+    assert_all_present(&acked, &on_disk);
+
+    // A spare file renamed to a new segment whose new header never reached the disk
+    // (here: a copy of the oldest segment, named after the newest): inspect says what
+    // it is and counts none of its old records.
+    use promgate_shards::wal::format::segment_file_name;
+    use promgate_shards::wal::storage::list_segments;
+    let shard = data.join("wal").join("shard-0");
+    let segments = list_segments(&shard).unwrap();
+    let renamed = shard.join(segment_file_name(segments.last().unwrap() + 1_000_000));
+    std::fs::copy(shard.join(segment_file_name(segments[0])), &renamed).unwrap();
+    let dump_lines = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_promgate"))
+            .args(["wal", "inspect", "--dump", "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().lines().count()
+    };
+    let with_spare = dump_lines();
+    let report = Command::new(env!("CARGO_BIN_EXE_promgate"))
+        .args(["wal", "inspect", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&report.stdout).to_string();
+    assert!(
+        report.contains("a spare file whose new header never became durable"),
+        "{report}"
+    );
+    std::fs::remove_file(&renamed).unwrap();
+    assert_eq!(
+        with_spare,
+        dump_lines(),
+        "inspect counted the spare's old records"
+    );
+    assert_eq!(dumped(&data), on_disk);
 }
 
 /// A realistic body and the samples it carries after patching for `round`.

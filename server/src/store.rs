@@ -977,9 +977,10 @@ impl Store {
     /// make every non-durable commit since the checkpoint durable with it: `applied` as
     /// of the last batch, with the open chunks as of the checkpoint, so samples the
     /// agents then delete from their WALs would be lost. Only when the restore fails
-    /// (after an I/O error redb refuses every write) is the database reopened; redb's
-    /// own recovery then goes back to the last durable commit, since that drop cannot
-    /// commit either.
+    /// is the database reopened: after an I/O error redb refuses every write, that
+    /// drop's commit too, and its recovery goes back to the last durable commit. (A
+    /// restore failing for another reason, such as a damaged page met while restoring,
+    /// would leave the old hazard; none is known to happen.)
     fn roll_back(&self) {
         let restored = {
             let slot = self.durable_state.lock().expect("not poisoned");

@@ -484,8 +484,12 @@ fn acknowledged_segments_are_written_over_and_their_old_records_never_come_back(
         wal.close().await.unwrap();
         drop(wal);
 
-        // A spare renamed to the next segment, but its new header never written.
+        // A spare renamed to the next segment, but its new header never written (a
+        // crash); and one renamed to a name below the newest segment (a creation that
+        // failed after the rename, then a later segment).
         let spare = spares(&d).pop().expect("a spare is left");
+        let failed = d.join(format::segment_file_name(newest - 1));
+        std::fs::copy(&spare, &failed).unwrap();
         let torn = d.join(format::segment_file_name(last + 1));
         std::fs::rename(&spare, &torn).unwrap();
         let metrics = Arc::new(vec![ShardMetrics::default()]);
@@ -495,6 +499,7 @@ fn acknowledged_segments_are_written_over_and_their_old_records_never_come_back(
             "{rec:?}"
         );
         assert!(!torn.exists(), "the torn creation was kept");
+        assert!(!failed.exists(), "the failed creation was kept");
         assert_eq!(rec.last_seq, Some(last));
         assert_eq!(on_disk(&d), disk);
         append(&wal, last + 1).await;

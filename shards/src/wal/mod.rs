@@ -48,9 +48,9 @@
 //! followed by the old file's records until they reach its end; those have lower
 //! sequence numbers, so the scan never takes them for the segment's (it stops at the
 //! first record that is not the next one), and recovery cuts them off the newest
-//! segment like a torn tail. A crash between renaming the spare and syncing its new
-//! header leaves a newest segment whose header names an older first record: it held
-//! nothing acknowledged, and recovery removes it.
+//! segment like a torn tail. A crash (or a failed creation) between renaming the spare
+//! and syncing its new header leaves a segment whose header names an older first
+//! record: it held nothing acknowledged, and recovery removes it.
 //! `retention_bytes` / `retention_age_s` (both off by default) delete the oldest sealed
 //! segments even if unshipped; what they drop is counted as unshipped.
 
@@ -327,10 +327,12 @@ impl<S: Storage> Wal<S> {
             }
             let scan = match format::scan(&data) {
                 Ok(s) if s.header.first_seq == first => s,
-                Ok(s) if newest && s.header.first_seq < first => {
-                    // A spare file renamed to the newest segment whose new header
-                    // never became durable: it holds only an acknowledged segment's
-                    // old records, and never held an acknowledged record of its own.
+                Ok(s) if s.header.first_seq < first => {
+                    // A spare file renamed to a new segment whose new header never
+                    // became durable (a crash, or a failed creation before any write):
+                    // it holds only an acknowledged segment's old records, and never
+                    // held an acknowledged record of its own (the first sync covers
+                    // the header).
                     storage.remove(first)?;
                     rec.torn_tail_bytes += data.len() as u64;
                     continue;

@@ -334,10 +334,15 @@ impl Storage for DmaStorage {
             .spawn_blocking(move || storage.reuse_spare(&at))
             .await?;
         let file = if reused {
-            glommio::io::OpenOptions::new()
+            let opened = glommio::io::OpenOptions::new()
                 .write(true)
                 .dma_open(&path)
-                .await
+                .await;
+            if opened.is_err() {
+                // Not a segment: its header is the spare's (recovery would remove it).
+                let _ = std::fs::remove_file(&path);
+            }
+            opened
         } else {
             glommio::io::DmaFile::create(&path).await
         }
