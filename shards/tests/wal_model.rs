@@ -2,7 +2,10 @@
 //! acknowledgements, injected write failures, and crashes at any point (including in
 //! the middle of a record), against a simulated disk that keeps only synced bytes plus
 //! a random, possibly torn, prefix of the unsynced ones and stale garbage after it.
-//! After every restart the log must hold exactly every acknowledged record, in order,
+//! Acknowledged segment files are kept as spares (as `DmaStorage` does) and new
+//! segments are written over them, so old records with valid checksums lie under and
+//! after the new ones, and a crash can leave a spare with its old header under a new
+//! name. After every restart the log must hold exactly every acknowledged record, in order,
 //! possibly some written but unacknowledged ones, and never a corrupt one.
 
 use promgate_shards::metrics::ShardMetrics;
@@ -16,15 +19,33 @@ use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
 
+/// A segment file: new bytes from its start (synced, then not yet synced) over what
+/// the file held before (a spare's old segment, synced long ago; empty for a new file).
 #[derive(Default)]
 struct SimSegment {
     durable: Vec<u8>,
     volatile: Vec<u8>,
+    under: Vec<u8>,
 }
+
+impl SimSegment {
+    /// What a read of the file returns.
+    fn bytes(&self) -> Vec<u8> {
+        let mut all = [self.durable.as_slice(), self.volatile.as_slice()].concat();
+        if self.under.len() > all.len() {
+            all.extend_from_slice(&self.under[all.len()..]);
+        }
+        all
+    }
+}
+
+/// Spare files kept at most, as `DmaStorage` does.
+const SPARES_MAX: usize = promgate_shards::wal::storage::SPARES_MAX;
 
 #[derive(Default)]
 struct Disk {
     segments: BTreeMap<u64, SimSegment>,
+    spares: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, Default)]
@@ -52,21 +73,29 @@ impl Storage for SimStorage {
     fn read(&self, first_seq: u64) -> io::Result<Vec<u8>> {
         let d = self.disk.borrow();
         let s = d.segments.get(&first_seq).ok_or_else(not_found)?;
-        Ok([s.durable.as_slice(), s.volatile.as_slice()].concat())
+        Ok(s.bytes())
     }
     fn truncate(&self, first_seq: u64, len: u64) -> io::Result<()> {
         let mut d = self.disk.borrow_mut();
         let s = d.segments.get_mut(&first_seq).ok_or_else(not_found)?;
-        let mut all = [s.durable.as_slice(), s.volatile.as_slice()].concat();
+        let mut all = s.bytes();
         all.truncate(len as usize);
         *s = SimSegment {
             durable: all,
-            volatile: Vec::new(),
+            ..SimSegment::default()
         };
         Ok(())
     }
     fn remove(&self, first_seq: u64) -> io::Result<()> {
         self.disk.borrow_mut().segments.remove(&first_seq);
+        Ok(())
+    }
+    fn recycle(&self, first_seq: u64) -> io::Result<()> {
+        let mut d = self.disk.borrow_mut();
+        let s = d.segments.remove(&first_seq).ok_or_else(not_found)?;
+        if d.spares.len() < SPARES_MAX {
+            d.spares.push(s.bytes());
+        }
         Ok(())
     }
     fn save_floor(&self, next_seq: u64) -> io::Result<()> {
@@ -77,11 +106,13 @@ impl Storage for SimStorage {
         Ok(self.floor.get())
     }
     async fn create(&self, first_seq: u64, header: &[u8]) -> io::Result<SimWriter> {
+        let mut d = self.disk.borrow_mut();
         let seg = SimSegment {
             durable: Vec::new(),
             volatile: header.to_vec(),
+            under: d.spares.pop().unwrap_or_default(),
         };
-        let old = self.disk.borrow_mut().segments.insert(first_seq, seg);
+        let old = d.segments.insert(first_seq, seg);
         assert!(old.is_none(), "segment {first_seq} created twice");
         Ok(SimWriter {
             disk: self.disk.clone(),
@@ -127,7 +158,11 @@ impl SegmentWriter for SimWriter {
         Ok(())
     }
     async fn close(mut self) -> io::Result<()> {
-        self.flush(true).await
+        self.flush(true).await?;
+        // Cut to its own bytes, as `DmaSegmentWriter::close` truncates.
+        let mut d = self.disk.borrow_mut();
+        d.segments.get_mut(&self.id).unwrap().under.clear();
+        Ok(())
     }
 }
 
@@ -137,7 +172,9 @@ impl SimStorage {
     fn crash(&self, cut: &[u16], garbage: &[u8]) {
         let mut d = self.disk.borrow_mut();
         for (i, s) in d.segments.values_mut().enumerate() {
-            let keep = if s.volatile.is_empty() {
+            // Often nothing at all: a new segment then keeps only what its file held
+            // before (nothing, or a spare's old segment under its new name).
+            let keep = if s.volatile.is_empty() || cut[i % cut.len()].is_multiple_of(4) {
                 0
             } else {
                 cut[i % cut.len()] as usize % (s.volatile.len() + 1)
@@ -150,6 +187,7 @@ impl SimStorage {
             *s = SimSegment {
                 durable: all,
                 volatile: Vec::new(),
+                under: std::mem::take(&mut s.under),
             };
         }
     }
@@ -210,8 +248,8 @@ fn arb_op() -> impl Strategy<Value = Op> {
         });
     prop_oneof![
         4 => prop::collection::vec(0u16..400, 1..6).prop_map(Op::Append),
-        2 => crash,
-        1 => Just(Op::Ack),
+        3 => crash,
+        2 => Just(Op::Ack),
         1 => Just(Op::FailNextWrite),
     ]
 }
