@@ -22,11 +22,7 @@ const UNSHIPPED: &str = "127.0.0.1:9";
 /// `wal inspect --dump` as a set of `{labels} ts=T bits=B` keys; also checks that
 /// plain `wal inspect` finds no corruption.
 fn dumped(data_dir: &Path) -> HashSet<String> {
-    let check = Command::new(env!("CARGO_BIN_EXE_promgate"))
-        .args(["wal", "inspect", "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .unwrap();
+    let check = inspect(data_dir, false);
     let report = String::from_utf8_lossy(&check.stdout);
     assert!(
         check.status.success(),
@@ -34,11 +30,7 @@ fn dumped(data_dir: &Path) -> HashSet<String> {
         String::from_utf8_lossy(&check.stderr)
     );
     assert!(!report.contains("CORRUPT"), "{report}");
-    let out = Command::new(env!("CARGO_BIN_EXE_promgate"))
-        .args(["wal", "inspect", "--dump", "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .unwrap();
+    let out = inspect(data_dir, true);
     assert!(out.status.success());
     String::from_utf8(out.stdout)
         .unwrap()
@@ -52,6 +44,16 @@ fn dumped(data_dir: &Path) -> HashSet<String> {
             format!("{}{}{}", &l[labels_start..ts], &l[ts..value], &l[bits..])
         })
         .collect()
+}
+
+/// `promgate wal inspect` (with `--dump` if `dump`) on `data_dir`.
+fn inspect(data_dir: &Path, dump: bool) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_promgate"));
+    cmd.args(["wal", "inspect"]);
+    if dump {
+        cmd.arg("--dump");
+    }
+    cmd.arg("--data-dir").arg(data_dir).output().unwrap()
 }
 
 fn key(s: &AckedSample) -> String {
@@ -150,20 +152,11 @@ fn sigkill_mid_stream_loses_no_acknowledged_sample() {
     let renamed = shard.join(segment_file_name(segments.last().unwrap() + 1_000_000));
     std::fs::copy(shard.join(segment_file_name(segments[0])), &renamed).unwrap();
     let dump_lines = || {
-        let out = Command::new(env!("CARGO_BIN_EXE_promgate"))
-            .args(["wal", "inspect", "--dump", "--data-dir"])
-            .arg(&data)
-            .output()
-            .unwrap();
+        let out = inspect(&data, true);
         String::from_utf8(out.stdout).unwrap().lines().count()
     };
     let with_spare = dump_lines();
-    let report = Command::new(env!("CARGO_BIN_EXE_promgate"))
-        .args(["wal", "inspect", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&report.stdout).to_string();
+    let report = String::from_utf8_lossy(&inspect(&data, false).stdout).to_string();
     assert!(
         report.contains("a spare file whose new header never became durable"),
         "{report}"

@@ -1171,16 +1171,10 @@ impl Store {
             }
             let result = self.write_piece(&head, piece, last.then_some((&target, start_gen)));
             if let Err(e) = result {
-                self.metrics.commit_errors.fetch_add(1, Relaxed);
-                head.stale = true;
-                self.roll_back();
-                return Err(e);
+                return Err(self.commit_failed(&mut head, e));
             }
             if last {
-                head.durable = target;
-                head.generation += 1;
-                head.last_checkpoint = Instant::now();
-                self.note_durable_state();
+                self.durable_reached(&mut head, target);
                 break;
             }
             drop(head);
@@ -1284,19 +1278,30 @@ impl Store {
                         h.dirty = false;
                     }
                 }
-                head.durable = head.applied.clone();
-                head.generation += 1;
-                head.last_checkpoint = Instant::now();
-                self.note_durable_state();
+                let applied = head.applied.clone();
+                self.durable_reached(head, applied);
                 Ok(())
             }
-            Err(e) => {
-                self.metrics.commit_errors.fetch_add(1, Relaxed);
-                head.stale = true;
-                self.roll_back();
-                Err(e)
-            }
+            Err(e) => Err(self.commit_failed(head, e)),
         }
+    }
+
+    /// A durable commit made `durable` the durable point: queries' generation moves,
+    /// and the database's state is kept for [`Store::roll_back`].
+    fn durable_reached(&self, head: &mut Head, durable: HashMap<String, u64>) {
+        head.durable = durable;
+        head.generation += 1;
+        head.last_checkpoint = Instant::now();
+        self.note_durable_state();
+    }
+
+    /// A durable commit (or a checkpoint piece) failed: the store is rolled back and
+    /// the head rebuilt at the next use. Returns `e`.
+    fn commit_failed(&self, head: &mut Head, e: ApplyError) -> ApplyError {
+        self.metrics.commit_errors.fetch_add(1, Relaxed);
+        head.stale = true;
+        self.roll_back();
+        e
     }
 
     /// Stores one batch (see the module doc; durable at the next checkpoint). `refs`

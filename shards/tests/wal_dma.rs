@@ -249,12 +249,7 @@ fn retention_drops_the_oldest_sealed_segments_and_counts_them() {
         let (wal, _) =
             Wal::open(DmaStorage::open(&d).unwrap(), 0, limited, metrics.clone()).unwrap();
         for seq in 1..=60u64 {
-            let p = payload(seq);
-            wal.append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |o| {
-                o.extend_from_slice(&p)
-            })
-            .await
-            .unwrap();
+            append(&wal, seq).await;
         }
         wal.close().await.unwrap();
         let dropped = metrics[0]
