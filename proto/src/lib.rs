@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod decode;
 pub mod duration;
+pub mod hint;
 pub mod messages;
 pub mod remote_write;
 pub mod ship;

@@ -111,6 +111,7 @@
 //! The series index is kept (series are not garbage-collected yet).
 
 use hashbrown::HashMap;
+use promgate_proto::hint::prefetch;
 use promgate_proto::ship::ArchivedShipBatch;
 use promgate_proto::xor::{self, XorEncoder, SAMPLES_PER_CHUNK_MAX};
 use redb::{Database, ReadableTable, TableDefinition};
@@ -507,20 +508,6 @@ impl OpenChunks {
             prefetch((h as *const HeadSeries).cast::<u8>().wrapping_add(64));
         }
     }
-}
-
-/// Hints the cache to load the line holding `p`.
-#[inline]
-fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // SAFETY: `_mm_prefetch` needs SSE, which every x86_64 CPU has; it only hints
-        // the cache (it reads no value and never faults, whatever the address).
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 struct Head {

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod prepared;
 pub mod receive;
 pub mod runtime;
+pub mod series_refs;
 pub mod ship;
 pub mod sink;
 pub mod snapshot;

@@ -26,6 +26,7 @@
 
 use crate::metrics::ShardMetrics;
 use crate::prepared::SeriesHasher;
+use crate::series_refs::SeriesRefs;
 use crate::wal::format::{Enrichment, RemoteWritePayload, ShipSection, KIND_REMOTE_WRITE};
 use crate::wal::storage::Storage;
 use crate::wal::Wal;
@@ -83,6 +84,11 @@ impl Default for ShipConfig {
         }
     }
 }
+
+/// How many series ahead the copy of a ship section prefetches its dictionary slot:
+/// far enough for the load to arrive before it is needed, near enough that it is still
+/// in the cache then.
+const PREFETCH_AHEAD: usize = 8;
 
 /// How often an idle shipper asks the server whether its applied records are durable.
 const SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -227,54 +233,15 @@ fn put_key<'a>(key: &mut Vec<u8>, pairs: impl Iterator<Item = (&'a str, &'a str)
     }
 }
 
-/// Hashes a (fingerprint, target reference) key: the fingerprint is already a keyed
-/// hash, so its low bits and the target suffice.
-#[derive(Clone, Copy, Default)]
-struct FingerprintKey;
-
-struct FingerprintHasher(u64);
-
-impl std::hash::Hasher for FingerprintHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        // Only the first half of the fingerprint: the second adds nothing to a hash.
-        if self.0 == 0 {
-            self.0 = v;
-        }
-    }
-    fn write_u32(&mut self, v: u32) {
-        self.0 ^= u64::from(v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-impl std::hash::BuildHasher for FingerprintKey {
-    type Hasher = FingerprintHasher;
-    fn build_hasher(&self) -> FingerprintHasher {
-        FingerprintHasher(0)
-    }
-}
-
-/// The dictionary key of a series fingerprint and target reference.
-fn split_key(fp: u128, target_ref: u32) -> (u64, u64, u32) {
-    ((fp >> 64) as u64, fp as u64, target_ref)
-}
-
 /// Builds batches for one connection: series and target references live as long as it
 /// does.
 pub struct BatchBuilder {
     /// (series fingerprint, target reference) → series reference. The fingerprint is a
     /// 128-bit keyed hash of the labels (`crate::prepared::SeriesHasher`), not the label
-    /// bytes, held as two `u64`s (8-byte alignment: 24 bytes an entry, not 32): the
-    /// dictionary costs ~28 bytes per series instead of ~350, so the agent's memory
-    /// does not grow with the label sets of a million series.
-    refs: HashMap<(u64, u64, u32), u32, FingerprintKey>,
+    /// bytes (24 bytes an entry): the dictionary costs ~32-64 bytes per series instead
+    /// of ~350, so the agent's memory does not grow with the label sets of a million
+    /// series.
+    refs: SeriesRefs,
     hasher: SeriesHasher,
     targets: HashMap<Vec<u8>, u32>,
     pub batch: ShipBatch,
@@ -293,7 +260,7 @@ impl BatchBuilder {
     /// `hasher` must be the one the shard's receive path writes ship sections with.
     pub fn new(agent: &str, shard: u32, split_target_labels: bool, hasher: SeriesHasher) -> Self {
         let mut b = BatchBuilder {
-            refs: HashMap::default(),
+            refs: SeriesRefs::default(),
             hasher,
             targets: HashMap::new(),
             batch: ShipBatch::default(),
@@ -335,12 +302,12 @@ impl BatchBuilder {
         target_labels: &[(&str, &str)],
     ) -> u32 {
         let labels = s.labels;
-        let key = split_key(self.hasher.series(d, s), target_ref);
-        if let Some(r) = self.refs.get(&key) {
-            return *r;
+        let fingerprint = self.hasher.series(d, s);
+        if let Some(r) = self.refs.get(fingerprint, target_ref) {
+            return r;
         }
         let r = self.refs.len() as u32;
-        self.refs.insert(key, r);
+        self.refs.insert(fingerprint, target_ref, r);
         let pairs: Vec<(&str, &str)> = d.labels(labels).collect();
         let (mut absent, mut app) = (Vec::new(), Vec::new());
         crate::enrich::split(&pairs, target_labels.iter().copied(), &mut absent, &mut app);
@@ -466,14 +433,21 @@ impl BatchBuilder {
         let mut series_refs = std::mem::take(&mut self.series_refs);
         series_refs.clear();
         let mut known = true;
-        for i in 0..p.series() {
+        let n = p.series();
+        for i in 0..PREFETCH_AHEAD.min(n) {
+            self.prefetch_ref(e, p, i);
+        }
+        for i in 0..n {
+            if i + PREFETCH_AHEAD < n {
+                self.prefetch_ref(e, p, i + PREFETCH_AHEAD);
+            }
             if p.samples(i).is_empty() {
                 series_refs.push(u32::MAX);
                 continue;
             }
             let (_, target_ref) = self.series_target_ref(e, i);
-            match self.refs.get(&split_key(p.fingerprint(i), target_ref)) {
-                Some(r) => series_refs.push(*r),
+            match self.refs.get(p.fingerprint(i), target_ref) {
+                Some(r) => series_refs.push(r),
                 None => {
                     known = false;
                     break;
@@ -493,6 +467,13 @@ impl BatchBuilder {
         }
         self.series_refs = series_refs;
         known
+    }
+
+    /// Starts loading the dictionary slot of the section's `i`th series.
+    #[inline]
+    fn prefetch_ref(&mut self, e: &Enrichment<'_>, p: &ShipSection<'_>, i: usize) {
+        let (_, target_ref) = self.series_target_ref(e, i);
+        self.refs.prefetch(p.fingerprint(i), target_ref);
     }
 
     fn add_decoded(&mut self, d: Decoded<'_>, e: &Enrichment<'_>) {
