@@ -469,11 +469,17 @@ impl BatchBuilder {
         known
     }
 
-    /// Starts loading the dictionary slot of the section's `i`th series.
+    /// Starts loading the dictionary slot of the section's `i`th series, if it has
+    /// samples (a series without them is not shipped, nor is its target). Resolving
+    /// its target ahead of the copy adds no target the record would not add anyway:
+    /// if the copy stops at a new series, the record is decoded and every series with
+    /// samples resolves its target.
     #[inline]
     fn prefetch_ref(&mut self, e: &Enrichment<'_>, p: &ShipSection<'_>, i: usize) {
-        let (_, target_ref) = self.series_target_ref(e, i);
-        self.refs.prefetch(p.fingerprint(i), target_ref);
+        if !p.samples(i).is_empty() {
+            let (_, target_ref) = self.series_target_ref(e, i);
+            self.refs.prefetch(p.fingerprint(i), target_ref);
+        }
     }
 
     fn add_decoded(&mut self, d: Decoded<'_>, e: &Enrichment<'_>) {

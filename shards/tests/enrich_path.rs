@@ -312,3 +312,82 @@ fn a_series_is_resent_when_its_target_becomes_known() {
         assert_eq!(other.batch.sample_ts, b.batch.sample_ts);
     }
 }
+
+/// A series without samples ships nothing, so its target is not sent either, also when
+/// the record is copied from its ship section (whose copy looks series ahead to
+/// prefetch their dictionary slots).
+#[test]
+fn a_series_without_samples_sends_no_target() {
+    let cfg = cfg();
+    let cell = Arc::new(SnapshotCell::default());
+    cell.publish(merge(1, &[targets(&[false; 6])], &cfg));
+    let enricher = Enricher::new(cell.clone(), &cfg);
+    let metrics = EnrichMetrics::default();
+    let series = |job: &str, instance: &str, samples: usize| v1::TimeSeries {
+        labels: [("__name__", "up"), ("instance", instance), ("job", job)]
+            .iter()
+            .map(|(n, v)| v1::Label {
+                name: n.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+        samples: (0..samples)
+            .map(|i| v1::Sample {
+                value: 1.0,
+                timestamp: 1000 + i as i64,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let req = v1::WriteRequest {
+        timeseries: vec![series("j0", "h0:80", 1), series("j1", "h1:80", 0)],
+        metadata: vec![],
+    };
+    let raw = req.encode_to_vec();
+    let body = snap::raw::Encoder::new().compress_vec(&raw).unwrap();
+    let mut batch = Batch::default();
+    decode(
+        Protocol::V1,
+        &raw,
+        &Limits::default(),
+        &mut batch,
+        &mut RejectCounts::default(),
+    )
+    .unwrap();
+    let d = Decoded {
+        batch: &batch,
+        body: &raw,
+    };
+    let hasher = SeriesHasher::random();
+    let request = Accepted {
+        protocol: Protocol::V1,
+        compressed: &body,
+        decoded: d,
+        header_tags: &[],
+    };
+    let mut payload = Vec::new();
+    request_payload(
+        &mut payload,
+        &request,
+        Some(&enricher),
+        Some(&hasher),
+        &metrics,
+    );
+    let mut b = BatchBuilder::new("a#e", 0, true, hasher);
+    b.add_record(1, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &payload)
+        .unwrap();
+    assert_eq!(b.copied_records, 0, "a new series: decoded");
+    let pods = |b: &BatchBuilder| -> Vec<String> {
+        let tags = b.batch.new_targets.iter().flat_map(|t| t.tags.iter());
+        tags.filter(|l| l.name == "pod")
+            .map(|l| l.value.clone())
+            .collect()
+    };
+    assert_eq!(pods(&b), ["pod-0-0"]);
+    b.reset();
+    b.add_record(2, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &payload)
+        .unwrap();
+    assert_eq!(b.copied_records, 1, "every series known: copied");
+    assert_eq!(pods(&b), Vec::<String>::new());
+    assert_eq!(b.batch.sample_refs, vec![0]);
+}
