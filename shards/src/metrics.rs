@@ -478,7 +478,7 @@ fn render_wal(shards: &[ShardMetrics], out: &mut String) {
     histogram(
         out,
         "promgate_agent_wal_fsync_seconds",
-        "Time of one WAL fdatasync.",
+        "Time of one WAL commit: writing its records out and the fdatasync after.",
         shards,
         |m| &m.wal.fsync_seconds,
     );
