@@ -148,19 +148,11 @@ proptest! {
                 .collect(),
             metadata: vec![],
         };
-        let raw = req.encode_to_vec();
-        let mut batch = Batch::default();
-        decode(Protocol::V1, &raw, &Limits::default(), &mut batch, &mut RejectCounts::default()).unwrap();
-        let d = Decoded { batch: &batch, body: &raw };
-
         // Receive: enrichment section into the WAL payload.
         let metrics = EnrichMetrics::default();
         let enricher = Enricher::new(cell, &cfg);
-        let body = snap::raw::Encoder::new().compress_vec(&raw).unwrap();
-        let mut payload = Vec::new();
-        let request = Accepted { protocol: Protocol::V1, compressed: &body, decoded: d, header_tags: &[] };
         let hasher = SeriesHasher::random();
-        request_payload(&mut payload, &request, Some(&enricher), Some(&hasher), &metrics);
+        let payload = wal_payload(&req, &enricher, &hasher, &metrics);
 
         // Ship: the builder reads the record back. It has a ship section, but every
         // series is new on the connection, so the record is decoded.
@@ -214,32 +206,33 @@ proptest! {
     }
 }
 
-/// Prometheus usually starts sending before the agent's first sync: a series first
-/// shipped with the agent's tags only is sent again (new reference, same labels) once
-/// its target is known, so the server can give it its meta tags.
-#[test]
-fn a_series_is_resent_when_its_target_becomes_known() {
-    let cfg = cfg();
-    let cell = Arc::new(SnapshotCell::default());
-    let enricher = Enricher::new(cell.clone(), &cfg);
-    let metrics = EnrichMetrics::default();
-    let req = v1::WriteRequest {
-        timeseries: vec![v1::TimeSeries {
-            labels: [("__name__", "up"), ("instance", "h0:80"), ("job", "j0")]
-                .iter()
-                .map(|(n, v)| v1::Label {
-                    name: n.to_string(),
-                    value: v.to_string(),
-                })
-                .collect(),
-            samples: vec![v1::Sample {
+/// A 1.0 series `up{instance, job}` with `samples` samples from timestamp 1000.
+fn up_series(job: &str, instance: &str, samples: usize) -> v1::TimeSeries {
+    v1::TimeSeries {
+        labels: [("__name__", "up"), ("instance", instance), ("job", job)]
+            .iter()
+            .map(|(n, v)| v1::Label {
+                name: n.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+        samples: (0..samples)
+            .map(|i| v1::Sample {
                 value: 1.0,
-                timestamp: 1000,
-            }],
-            ..Default::default()
-        }],
-        metadata: vec![],
-    };
+                timestamp: 1000 + i as i64,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// The WAL payload the receive path writes for `req` (enrichment and ship sections).
+fn wal_payload(
+    req: &v1::WriteRequest,
+    enricher: &Enricher,
+    hasher: &SeriesHasher,
+    metrics: &EnrichMetrics,
+) -> Vec<u8> {
     let raw = req.encode_to_vec();
     let body = snap::raw::Encoder::new().compress_vec(&raw).unwrap();
     let mut batch = Batch::default();
@@ -251,22 +244,35 @@ fn a_series_is_resent_when_its_target_becomes_known() {
         &mut RejectCounts::default(),
     )
     .unwrap();
-    let d = Decoded {
-        batch: &batch,
-        body: &raw,
+    let request = Accepted {
+        protocol: Protocol::V1,
+        compressed: &body,
+        decoded: Decoded {
+            batch: &batch,
+            body: &raw,
+        },
+        header_tags: &[],
+    };
+    let mut p = Vec::new();
+    request_payload(&mut p, &request, Some(enricher), Some(hasher), metrics);
+    p
+}
+
+/// Prometheus usually starts sending before the agent's first sync: a series first
+/// shipped with the agent's tags only is sent again (new reference, same labels) once
+/// its target is known, so the server can give it its meta tags.
+#[test]
+fn a_series_is_resent_when_its_target_becomes_known() {
+    let cfg = cfg();
+    let cell = Arc::new(SnapshotCell::default());
+    let enricher = Enricher::new(cell.clone(), &cfg);
+    let metrics = EnrichMetrics::default();
+    let req = v1::WriteRequest {
+        timeseries: vec![up_series("j0", "h0:80", 1)],
+        metadata: vec![],
     };
     let hasher = SeriesHasher::random();
-    let record = |enricher: &Enricher| {
-        let request = Accepted {
-            protocol: Protocol::V1,
-            compressed: &body,
-            decoded: d,
-            header_tags: &[],
-        };
-        let mut p = Vec::new();
-        request_payload(&mut p, &request, Some(enricher), Some(&hasher), &metrics);
-        p
-    };
+    let record = |enricher: &Enricher| wal_payload(&req, enricher, &hasher, &metrics);
     // Each record also has its ship section, as the receive path writes them.
     let mut b = BatchBuilder::new("a#e", 0, true, hasher);
     let add = |b: &mut BatchBuilder, seq: u64| {
@@ -323,56 +329,12 @@ fn a_series_without_samples_sends_no_target() {
     cell.publish(merge(1, &[targets(&[false; 6])], &cfg));
     let enricher = Enricher::new(cell.clone(), &cfg);
     let metrics = EnrichMetrics::default();
-    let series = |job: &str, instance: &str, samples: usize| v1::TimeSeries {
-        labels: [("__name__", "up"), ("instance", instance), ("job", job)]
-            .iter()
-            .map(|(n, v)| v1::Label {
-                name: n.to_string(),
-                value: v.to_string(),
-            })
-            .collect(),
-        samples: (0..samples)
-            .map(|i| v1::Sample {
-                value: 1.0,
-                timestamp: 1000 + i as i64,
-            })
-            .collect(),
-        ..Default::default()
-    };
     let req = v1::WriteRequest {
-        timeseries: vec![series("j0", "h0:80", 1), series("j1", "h1:80", 0)],
+        timeseries: vec![up_series("j0", "h0:80", 1), up_series("j1", "h1:80", 0)],
         metadata: vec![],
     };
-    let raw = req.encode_to_vec();
-    let body = snap::raw::Encoder::new().compress_vec(&raw).unwrap();
-    let mut batch = Batch::default();
-    decode(
-        Protocol::V1,
-        &raw,
-        &Limits::default(),
-        &mut batch,
-        &mut RejectCounts::default(),
-    )
-    .unwrap();
-    let d = Decoded {
-        batch: &batch,
-        body: &raw,
-    };
     let hasher = SeriesHasher::random();
-    let request = Accepted {
-        protocol: Protocol::V1,
-        compressed: &body,
-        decoded: d,
-        header_tags: &[],
-    };
-    let mut payload = Vec::new();
-    request_payload(
-        &mut payload,
-        &request,
-        Some(&enricher),
-        Some(&hasher),
-        &metrics,
-    );
+    let payload = wal_payload(&req, &enricher, &hasher, &metrics);
     let mut b = BatchBuilder::new("a#e", 0, true, hasher);
     b.add_record(1, KIND_REMOTE_WRITE, PAYLOAD_VERSION, &payload)
         .unwrap();
