@@ -10,7 +10,7 @@
 use hdrhistogram::Histogram;
 use promgate_shards::metrics::ShardMetrics;
 use promgate_shards::wal::format::{KIND_REMOTE_WRITE, PAYLOAD_VERSION};
-use promgate_shards::wal::storage::DmaStorage;
+use promgate_shards::wal::storage::FileStorage;
 use promgate_shards::wal::{Fsync, Wal, WalConfig};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -53,7 +53,7 @@ fn main() {
                 ..WalConfig::default()
             };
             let (wal, _) =
-                Wal::open(DmaStorage::open(&d).unwrap(), 0, config, metrics.clone()).unwrap();
+                Wal::open(FileStorage::open(&d).unwrap(), 0, config, metrics.clone()).unwrap();
             let wal = Rc::new(wal);
             let hist = Rc::new(RefCell::new(
                 Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).unwrap(),

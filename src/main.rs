@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use config::{AgentConfig, AgentFlags, ServerFlags};
 use promgate_shards::prepared::SeriesHasher;
 use promgate_shards::sink::WalSink;
-use promgate_shards::wal::storage::DmaStorage;
+use promgate_shards::wal::storage::FileStorage;
 use promgate_shards::wal::Wal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -183,7 +183,7 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
     promgate_shards::runtime::run(config.options, move |shard, metrics| {
         use anyhow::Context;
         let dir = wal_root.join(format!("shard-{shard}"));
-        let storage = DmaStorage::open(&dir)
+        let storage = FileStorage::open(&dir)
             .with_context(|| format!("opening WAL directory {}", dir.display()))?;
         let (wal, rec) = Wal::open(storage, shard as u32, wal_config.clone(), metrics.clone())
             .with_context(|| format!("recovering WAL in {}", dir.display()))?;

@@ -2,7 +2,7 @@
 //! acknowledgements, injected write failures, and crashes at any point (including in
 //! the middle of a record), against a simulated disk that keeps only synced bytes plus
 //! a random, possibly torn, prefix of the unsynced ones and stale garbage after it.
-//! Acknowledged segment files are kept as spares (as `DmaStorage` does) and new
+//! Acknowledged segment files are kept as spares (as `FileStorage` does) and new
 //! segments are written over them, so old records with valid checksums lie under and
 //! after the new ones, and a crash can leave a spare with its old header under a new
 //! name. After every restart the log must hold exactly every acknowledged record, in order,
@@ -39,7 +39,7 @@ impl SimSegment {
     }
 }
 
-/// Spare files kept at most, as `DmaStorage` does.
+/// Spare files kept at most, as `FileStorage` does.
 const SPARES_MAX: usize = promgate_shards::wal::storage::SPARES_MAX;
 
 #[derive(Default)]
@@ -159,7 +159,7 @@ impl SegmentWriter for SimWriter {
     }
     async fn close(mut self) -> io::Result<()> {
         self.flush(true).await?;
-        // Cut to its own bytes, as `DmaSegmentWriter::close` truncates.
+        // Cut to its own bytes, as `FileSegmentWriter::close` truncates.
         let mut d = self.disk.borrow_mut();
         d.segments.get_mut(&self.id).unwrap().under.clear();
         Ok(())

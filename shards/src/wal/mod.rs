@@ -8,7 +8,7 @@
 //!
 //! [`Wal::append`] encodes a record into the shard's pending buffer (a memory copy, no
 //! I/O) and then waits until a *commit* covers it. One task at a time is the committer:
-//! it takes everything pending, writes it to the open segment with direct I/O, and
+//! it takes everything pending, writes it to the open segment in one write, and
 //! fdatasyncs once for all of it (group commit). Every record therefore satisfies
 //! `written >= durable`, and `append` returns only once `durable >= seq`: the caller
 //! answers 2xx after that and never before. Records that arrive while a commit runs
@@ -44,7 +44,7 @@
 //! Up to [`storage::SPARES_MAX`] deleted segment files are kept as spares
 //! (`<first_seq>.spare`) and written over by the next new segments, which saves the
 //! unlink's trim and the new file's block allocation, both of which stall every
-//! fdatasync on the filesystem (see `DmaStorage::recycle`). The new records are
+//! fdatasync on the filesystem (see `FileStorage::recycle`). The new records are
 //! followed by the old file's records until they reach its end; those have lower
 //! sequence numbers, so the scan never takes them for the segment's (it stops at the
 //! first record that is not the next one), and recovery cuts them off the newest

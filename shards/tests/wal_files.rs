@@ -1,11 +1,11 @@
-//! The WAL on real files (glommio direct I/O): the budget refuses appends, the
+//! The WAL on real files (`FileStorage`): the budget refuses appends, the
 //! shipper's acknowledgement deletes whole segments and makes room again, and after a
 //! reopen every record that was not acknowledged downstream is still there, with
 //! sequence numbers that keep growing even once every segment has been deleted.
 
 use promgate_shards::metrics::ShardMetrics;
 use promgate_shards::wal::format::{self, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
-use promgate_shards::wal::storage::{list_segments, DmaStorage, SPARES_MAX, SPARE_SUFFIX};
+use promgate_shards::wal::storage::{list_segments, FileStorage, SPARES_MAX, SPARE_SUFFIX};
 use promgate_shards::wal::{Fsync, Wal, WalConfig, WalError};
 use std::path::Path;
 use std::sync::Arc;
@@ -32,9 +32,9 @@ fn payload(seq: u64) -> Vec<u8> {
         .collect()
 }
 
-fn open(dir: &Path) -> Wal<DmaStorage> {
+fn open(dir: &Path) -> Wal<FileStorage> {
     let metrics = Arc::new(vec![ShardMetrics::default()]);
-    let (wal, rec) = Wal::open(DmaStorage::open(dir).unwrap(), 0, config(), metrics).unwrap();
+    let (wal, rec) = Wal::open(FileStorage::open(dir).unwrap(), 0, config(), metrics).unwrap();
     assert!(
         rec.corruption.is_empty() && rec.unreadable.is_empty(),
         "{rec:?}"
@@ -247,7 +247,7 @@ fn retention_drops_the_oldest_sealed_segments_and_counts_them() {
             ..config()
         };
         let (wal, _) =
-            Wal::open(DmaStorage::open(&d).unwrap(), 0, limited, metrics.clone()).unwrap();
+            Wal::open(FileStorage::open(&d).unwrap(), 0, limited, metrics.clone()).unwrap();
         for seq in 1..=60u64 {
             append(&wal, seq).await;
         }
@@ -299,7 +299,7 @@ fn memory_tail_counts_records_not_the_capacity_of_recycled_buffers() {
             max_bytes: 64 << 20,
             ..config()
         };
-        let (wal, _) = Wal::open(DmaStorage::open(&d).unwrap(), 0, config, metrics).unwrap();
+        let (wal, _) = Wal::open(FileStorage::open(&d).unwrap(), 0, config, metrics).unwrap();
         let small = vec![7u8; 1000];
         for _ in 0..6 {
             let mut last = 0;
@@ -336,52 +336,66 @@ fn memory_tail_counts_records_not_the_capacity_of_recycled_buffers() {
 /// After every flush the file holds exactly what was written, then zero padding to the
 /// alignment; after close, exactly what was written.
 #[test]
-fn segment_writer_keeps_every_byte_across_partial_blocks() {
+fn segment_writer_keeps_every_byte_across_flushes() {
     use promgate_shards::wal::storage::{SegmentWriter, Storage};
     with_dir("writer", |dir| async move {
-        let storage = DmaStorage::open(&dir).unwrap();
-        let mut want: Vec<u8> = b"header".to_vec();
-        let mut w = storage.create(7, &want).await.unwrap();
-        let path = dir.join(format::segment_file_name(7));
+        let storage = FileStorage::open(&dir).unwrap();
         let mut x = 1u32;
-        let sizes = [1, 4095, 4096, 4097, 3, 0, 70_000, 511, 513, 1 << 20, 9];
-        for (i, &n) in sizes.iter().enumerate() {
-            let bytes: Vec<u8> = (0..n)
+        let mut bytes = |n: usize| -> Vec<u8> {
+            (0..n)
                 .map(|_| {
                     x ^= x << 13;
                     x ^= x >> 17;
                     x ^= x << 5;
                     x as u8
                 })
-                .collect();
-            w.write(&bytes).await.unwrap();
-            want.extend_from_slice(&bytes);
-            if i % 3 == 2 {
-                continue; // a second write before this flush
+                .collect()
+        };
+        // A new file, then one written over a spare longer than what goes into it: the
+        // writer's bytes are exactly the file's after every flush but for the spare's
+        // old tail, which close cuts off.
+        let old = bytes(3 << 20);
+        for (first, spare) in [(7u64, false), (8, true)] {
+            if spare {
+                let name = format!("{:016x}{SPARE_SUFFIX}", 1);
+                std::fs::write(dir.join(name), &old).unwrap();
             }
-            w.flush(i % 2 == 0).await.unwrap();
-            if i % 4 == 0 {
-                w.flush(true).await.unwrap(); // nothing new
+            let mut want: Vec<u8> = b"header".to_vec();
+            let mut w = storage.create(first, &want).await.unwrap();
+            let path = dir.join(format::segment_file_name(first));
+            assert!(spares(&dir).is_empty(), "a spare is taken");
+            let sizes = [1, 4095, 4096, 4097, 3, 0, 70_000, 511, 513, 1 << 20, 9];
+            for (i, &n) in sizes.iter().enumerate() {
+                let b = bytes(n);
+                w.write(&b).await.unwrap();
+                want.extend_from_slice(&b);
+                if i % 3 == 2 {
+                    continue; // a second write before this flush
+                }
+                w.flush(i % 2 == 0).await.unwrap();
+                if i % 4 == 0 {
+                    w.flush(true).await.unwrap(); // nothing new
+                }
+                let data = std::fs::read(&path).unwrap();
+                if spare {
+                    assert!(data.len() == old.len(), "{}", data.len());
+                    assert!(data[..want.len()] == want[..], "after write {i}");
+                    assert!(
+                        data[want.len()..] == old[want.len()..],
+                        "old tail after {i}"
+                    );
+                } else {
+                    assert!(data == want, "after write {i}");
+                }
             }
-            let data = std::fs::read(&path).unwrap();
-            assert!(
-                data.len() >= want.len() && data.len() % 512 == 0,
-                "{}",
-                data.len()
-            );
-            assert!(data[..want.len()] == want[..], "after write {i}");
-            assert!(
-                data[want.len()..].iter().all(|&b| b == 0),
-                "padding after {i}"
-            );
+            w.close().await.unwrap();
+            assert!(std::fs::read(&path).unwrap() == want, "after close");
         }
-        w.close().await.unwrap();
-        assert!(std::fs::read(&path).unwrap() == want, "after close");
     });
 }
 
 /// Appends record `seq` (its payload is `payload(seq)`).
-async fn append(wal: &Wal<DmaStorage>, seq: u64) {
+async fn append(wal: &Wal<FileStorage>, seq: u64) {
     let p = payload(seq);
     let s = wal
         .append(KIND_REMOTE_WRITE, PAYLOAD_VERSION, |o| {
@@ -461,7 +475,7 @@ fn acknowledged_segments_are_written_over_and_their_old_records_never_come_back(
         );
 
         let metrics = Arc::new(vec![ShardMetrics::default()]);
-        let (wal, rec) = Wal::open(DmaStorage::open(&d).unwrap(), 0, config(), metrics).unwrap();
+        let (wal, rec) = Wal::open(FileStorage::open(&d).unwrap(), 0, config(), metrics).unwrap();
         assert!(
             rec.corruption.is_empty() && rec.unreadable.is_empty(),
             "{rec:?}"
@@ -488,7 +502,7 @@ fn acknowledged_segments_are_written_over_and_their_old_records_never_come_back(
         let torn = d.join(format::segment_file_name(last + 1));
         std::fs::rename(&spare, &torn).unwrap();
         let metrics = Arc::new(vec![ShardMetrics::default()]);
-        let (wal, rec) = Wal::open(DmaStorage::open(&d).unwrap(), 0, config(), metrics).unwrap();
+        let (wal, rec) = Wal::open(FileStorage::open(&d).unwrap(), 0, config(), metrics).unwrap();
         assert!(
             rec.corruption.is_empty() && rec.unreadable.is_empty(),
             "{rec:?}"
