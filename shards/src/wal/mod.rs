@@ -914,7 +914,11 @@ impl<S: Storage> Wal<S> {
                     return Ok(());
                 }
             }
-            let data = self.storage.read_window(segment, at as u64, len).await?;
+            let buf = self.window.borrow_mut().take().map(|w| w.data);
+            let data = self
+                .storage
+                .read_window(segment, at as u64, len, buf.unwrap_or_default())
+                .await?;
             let longer = reread_len(&data);
             *self.window.borrow_mut() = Some(Window { segment, at, data });
             match longer {

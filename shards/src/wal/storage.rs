@@ -31,14 +31,16 @@ pub trait Storage {
         Ok(())
     }
     /// [`Storage::read_at`] without blocking the shard: up to `len` bytes of a segment
-    /// from `offset`. Here at once; [`FileStorage`] reads on the shard's blocking thread.
+    /// from `offset`, in `buf` (whose allocation is reused: a fresh 4 MiB window was a
+    /// new mapping whose pages all faulted). Here at once; [`FileStorage`] reads on the
+    /// shard's blocking thread.
     fn read_window(
         &self,
         first_seq: u64,
         offset: u64,
         len: usize,
+        mut buf: Vec<u8>,
     ) -> impl Future<Output = io::Result<Vec<u8>>> {
-        let mut buf = Vec::new();
         let read = self.read_at(first_seq, offset, len, &mut buf);
         std::future::ready(read.map(|()| buf))
     }
@@ -276,13 +278,18 @@ impl Storage for FileStorage {
         self.sync_dir()
     }
 
-    async fn read_window(&self, first_seq: u64, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        // The shipper catching up from disk: the read waits for the device, so it runs
-        // on the blocking thread while the shard serves its connections.
+    async fn read_window(
+        &self,
+        first_seq: u64,
+        offset: u64,
+        len: usize,
+        mut buf: Vec<u8>,
+    ) -> io::Result<Vec<u8>> {
+        // The shipper catching up from disk: the read may wait for the device, so it
+        // runs on the blocking thread while the shard serves its connections.
         let storage = self.clone();
         glommio::executor()
             .spawn_blocking(move || {
-                let mut buf = Vec::new();
                 storage
                     .read_at(first_seq, offset, len, &mut buf)
                     .map(|()| buf)
