@@ -25,8 +25,9 @@ const SHARD_START_TIMEOUT_MS: u64 = 10_000;
 pub struct AgentOptions {
     pub listen: SocketAddr,
     pub shards: usize,
-    /// Memory each executor registers with io_uring for storage I/O. Registered
-    /// buffers count against the locked-memory limit (three rings per executor).
+    /// Memory each executor registers with io_uring for direct storage I/O (the WAL
+    /// writes through the page cache and does not use it). Registered buffers count
+    /// against the locked-memory limit (three rings per executor).
     pub io_memory_bytes: usize,
     pub receive: ReceiveConfig,
 }

@@ -99,9 +99,10 @@
 //! record that fails, the scan looks ahead (8-byte steps) for a valid record with a
 //! higher `seq`:
 //! - none found: everything from there on is a **torn tail** (a write cut short by a
-//!   crash, the zero/stale padding of the last flushed block, or the old records of a
-//!   reused (spare) segment file, see `wal::storage::SPARES_MAX`). In the newest segment
-//!   it is truncated away; in an older one it is reported as corruption.
+//!   crash, the old records of a reused (spare) segment file, see
+//!   `wal::storage::SPARES_MAX`, or the padding of the last flushed block in segments
+//!   written with direct I/O, before 61e397f). In the newest segment it is truncated
+//!   away; in an older one it is reported as corruption.
 //! - found: the bytes between are a **corrupt record in the middle**, reported with the
 //!   sequence numbers it lost (never silently skipped), and the scan continues there.
 //!

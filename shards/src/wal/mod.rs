@@ -1,6 +1,7 @@
 //! wal: the per-shard write-ahead log that makes an acknowledgement mean "durable".
 //!
-//! Each shard owns one [`Wal`] over its own directory; no lock, no thread hop. The
+//! Each shard owns one [`Wal`] over its own directory; nothing is shared between
+//! shards (the disk work runs on the shard's own blocking thread). The
 //! record and segment layout, the checksum and what recovery does with a torn tail or
 //! a corrupt record are documented in [`format`].
 //!
@@ -674,7 +675,7 @@ impl<S: Storage> Wal<S> {
             self.state.borrow_mut().writer = Some(writer);
             return;
         }
-        // Seal: close syncs and trims the last block's padding. The records are already
+        // Seal: close syncs (and cuts a spare's old records off). The records are already
         // durable, so a failed close only costs the next segment.
         if let Err(e) = writer.close().await {
             tracing::warn!(shard = self.shard, error = %e, "closing a full WAL segment failed");

@@ -393,8 +393,8 @@ impl FileStorage {
 /// out. A 1.5 MB commit took ~21 ms where `fio` writes and syncs 2 MB in 7-11 ms on
 /// the same disk, and a shard's commits were bound at ~60 MB/s. Here the kernel gets
 /// the whole commit in one call and starts the fdatasync the moment the copy is done.
-/// The agent alone flat out acknowledged 1.71-1.86M samples/s against 1.06-1.14M
-/// (2 alternated pairs, 2026-11-25) at the same CPU per sample; the same buffered
+/// The agent alone flat out acknowledged 1.71-1.87M samples/s against 1.03-1.14M
+/// (3 alternated pairs, 2026-11-25) at the same CPU per sample; the same buffered
 /// writes submitted through io_uring (256 KiB pieces, all in flight, then its
 /// fdatasync) reached 1.56-1.64M in the same runs, with a copy more and a
 /// heap-allocated piece per 256 KiB, since glommio's buffered `write_at` takes its
