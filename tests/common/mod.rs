@@ -80,12 +80,25 @@ fn spawn_logged(cmd: &mut Command, log: &Path, what: &str) -> Child {
         .unwrap_or_else(|e| panic!("start {what}: {e}"))
 }
 
+/// A loopback port that was free a moment ago and that no other call in this test
+/// process has handed out. Tests of one binary run in parallel, and the kernel can give
+/// a port just released here to the next `bind(0)`: two tests' agents then both passed
+/// their port probe before either listened, both listened (`SO_REUSEPORT`), and each
+/// test's Prometheus wrote to the other's agent too (seen once in CI: the two tests'
+/// counts were off by the same 3036 samples, in opposite directions).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 pub fn repo_root() -> PathBuf {
