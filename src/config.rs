@@ -221,6 +221,7 @@ pub struct WalSection {
     pub retention_bytes: Option<u64>,
     pub retention_age_s: Option<u64>,
     pub memory_bytes: Option<usize>,
+    pub direct_io: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -574,6 +575,7 @@ impl AgentConfig {
             retention_age_s: file.wal.retention_age_s.unwrap_or(w.retention_age_s),
             memory_bytes: file.wal.memory_bytes.unwrap_or(w.memory_bytes),
             replay_window_bytes: w.replay_window_bytes,
+            direct_io: file.wal.direct_io.unwrap_or(w.direct_io),
         };
         let sd = promgate_shards::ship::ShipConfig::default();
         let server = flags.server.clone().or(file.ship.server.clone());
@@ -752,6 +754,10 @@ mod tests {
         assert_eq!(
             (c.wal.group_commit_delay_us, c.wal.group_commit_records_max),
             (w.group_commit_delay_us, w.group_commit_records_max)
+        );
+        assert_eq!(
+            (c.wal.memory_bytes, c.wal.direct_io),
+            (w.memory_bytes, w.direct_io)
         );
     }
 

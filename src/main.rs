@@ -184,7 +184,8 @@ fn run_agent(flags: &AgentFlags, allow_fallback: bool) -> anyhow::Result<()> {
         use anyhow::Context;
         let dir = wal_root.join(format!("shard-{shard}"));
         let storage = FileStorage::open(&dir)
-            .with_context(|| format!("opening WAL directory {}", dir.display()))?;
+            .with_context(|| format!("opening WAL directory {}", dir.display()))?
+            .direct_io(wal_config.direct_io);
         let (wal, rec) = Wal::open(storage, shard as u32, wal_config.clone(), metrics.clone())
             .with_context(|| format!("recovering WAL in {}", dir.display()))?;
         tracing::info!(

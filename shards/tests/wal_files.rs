@@ -23,6 +23,7 @@ fn config() -> WalConfig {
         memory_bytes: 64 * 1024,
         // Smaller than a record: replay from disk reads every record on its own.
         replay_window_bytes: 4096,
+        direct_io: true,
     }
 }
 
@@ -331,15 +332,15 @@ fn memory_tail_counts_records_not_the_capacity_of_recycled_buffers() {
     });
 }
 
-/// The segment writer on its own: writes of every size, several per flush and none
-/// between two flushes, each flush rewriting the partial last block with more data.
-/// After every flush the file holds exactly what was written, then zero padding to the
-/// alignment; after close, exactly what was written.
+/// The segment writer on its own, direct and through the page cache: writes of every
+/// size, several per flush and none between two flushes, each direct flush rewriting
+/// the partial last block with more data. After every flush the file holds exactly
+/// what was written, then (direct) zeros up to the next 4 KiB boundary; after close,
+/// exactly what was written.
 #[test]
 fn segment_writer_keeps_every_byte_across_flushes() {
-    use promgate_shards::wal::storage::{SegmentWriter, Storage};
+    use promgate_shards::wal::storage::{SegmentWriter, Storage, DIRECT_ALIGN_BYTES};
     with_dir("writer", |dir| async move {
-        let storage = FileStorage::open(&dir).unwrap();
         let mut x = 1u32;
         let mut bytes = |n: usize| -> Vec<u8> {
             (0..n)
@@ -355,41 +356,50 @@ fn segment_writer_keeps_every_byte_across_flushes() {
         // writer's bytes are exactly the file's after every flush but for the spare's
         // old tail, which close cuts off.
         let old = bytes(3 << 20);
-        for (first, spare) in [(7u64, false), (8, true)] {
-            if spare {
-                let name = format!("{:016x}{SPARE_SUFFIX}", 1);
-                std::fs::write(dir.join(name), &old).unwrap();
-            }
-            let mut want: Vec<u8> = b"header".to_vec();
-            let mut w = storage.create(first, &want).await.unwrap();
-            let path = dir.join(format::segment_file_name(first));
-            assert!(spares(&dir).is_empty(), "a spare is taken");
-            let sizes = [1, 4095, 4096, 4097, 3, 0, 70_000, 511, 513, 1 << 20, 9];
-            for (i, &n) in sizes.iter().enumerate() {
-                let b = bytes(n);
-                w.write(&b).await.unwrap();
-                want.extend_from_slice(&b);
-                if i % 3 == 2 {
-                    continue; // a second write before this flush
-                }
-                w.flush(i % 2 == 0).await.unwrap();
-                if i % 4 == 0 {
-                    w.flush(true).await.unwrap(); // nothing new
-                }
-                let data = std::fs::read(&path).unwrap();
+        let mut first = 7u64;
+        for direct in [true, false] {
+            let storage = FileStorage::open(&dir).unwrap().direct_io(direct);
+            let align = if direct { DIRECT_ALIGN_BYTES } else { 1 };
+            for spare in [false, true] {
+                first += 1;
                 if spare {
-                    assert!(data.len() == old.len(), "{}", data.len());
-                    assert!(data[..want.len()] == want[..], "after write {i}");
-                    assert!(
-                        data[want.len()..] == old[want.len()..],
-                        "old tail after {i}"
-                    );
-                } else {
-                    assert!(data == want, "after write {i}");
+                    let name = format!("{:016x}{SPARE_SUFFIX}", first - 1);
+                    std::fs::write(dir.join(name), &old).unwrap();
                 }
+                let mut want: Vec<u8> = b"header".to_vec();
+                let mut w = storage.create(first, &want).await.unwrap();
+                let path = dir.join(format::segment_file_name(first));
+                assert!(spares(&dir).is_empty(), "a spare is taken");
+                let sizes = [1, 4095, 4096, 4097, 3, 0, 70_000, 511, 513, 1 << 20, 9];
+                for (i, &n) in sizes.iter().enumerate() {
+                    let b = bytes(n);
+                    w.write(&b).await.unwrap();
+                    want.extend_from_slice(&b);
+                    if i % 3 == 2 {
+                        continue; // a second write before this flush
+                    }
+                    w.flush(i % 2 == 0).await.unwrap();
+                    if i % 4 == 0 {
+                        w.flush(true).await.unwrap(); // nothing new
+                    }
+                    let data = std::fs::read(&path).unwrap();
+                    let padded = want.len().div_ceil(align) * align;
+                    let len = if spare { old.len() } else { padded };
+                    let at = format!("direct {direct}, spare {spare}, after write {i}");
+                    assert!(data.len() == len, "{} bytes, {at}", data.len());
+                    assert!(data[..want.len()] == want[..], "{at}");
+                    assert!(
+                        data[want.len()..padded].iter().all(|b| *b == 0),
+                        "zeros to the alignment, {at}"
+                    );
+                    assert!(data[padded..] == old[padded..len], "old tail, {at}");
+                }
+                w.close().await.unwrap();
+                assert!(
+                    std::fs::read(&path).unwrap() == want,
+                    "after close, direct {direct}, spare {spare}"
+                );
             }
-            w.close().await.unwrap();
-            assert!(std::fs::read(&path).unwrap() == want, "after close");
         }
     });
 }

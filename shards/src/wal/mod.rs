@@ -109,6 +109,10 @@ pub struct WalConfig {
     /// Bytes read from a segment file at a time when replaying from disk (at least one
     /// whole record). Not in the configuration file; tests make it small.
     pub replay_window_bytes: usize,
+    /// Segments are written with `O_DIRECT` where the filesystem allows it (see
+    /// `storage::FileSegmentWriter`); `false` writes through the page cache. Read by
+    /// the caller that opens the `FileStorage`.
+    pub direct_io: bool,
 }
 
 impl Default for WalConfig {
@@ -124,6 +128,7 @@ impl Default for WalConfig {
             retention_age_s: 0,
             memory_bytes: 4 << 20,
             replay_window_bytes: 4 << 20,
+            direct_io: true,
         }
     }
 }
