@@ -146,7 +146,7 @@ pub fn run(data_dir: &Path, dump: bool) -> anyhow::Result<bool> {
             }
             if scan.tail_bytes > 0 {
                 lines.push(format!(
-                    "  tail: {} bytes after offset {} that are no record of this segment (a torn write, a reused file's old records, or block padding from before 61e397f; dropped at the next start if this is the newest segment)",
+                    "  tail: {} bytes after offset {} that are no record of this segment (a torn write, a reused file's old records, or the zeros after direct writes; dropped at the next start if this is the newest segment or nothing is missing after it)",
                     scan.tail_bytes, scan.valid_end
                 ));
             }

@@ -460,7 +460,7 @@ fn render_wal(shards: &[ShardMetrics], out: &mut String) {
         ),
         (
             "promgate_agent_wal_torn_tail_bytes_total",
-            "Bytes cut off the newest segment at start-up: a torn write, block padding, or a reused segment file's old records.",
+            "Bytes cut off segments at start-up after their last record (the newest one, or one with nothing missing after it): a torn write, the zeros after direct writes, or a reused segment file's old records.",
             |m| &m.wal.torn_tail_bytes,
         ),
         (

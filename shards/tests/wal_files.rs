@@ -8,6 +8,7 @@ use promgate_shards::wal::format::{self, KIND_REMOTE_WRITE, PAYLOAD_VERSION};
 use promgate_shards::wal::storage::{list_segments, FileStorage, SPARES_MAX, SPARE_SUFFIX};
 use promgate_shards::wal::{Fsync, Wal, WalConfig, WalError};
 use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 fn config() -> WalConfig {
@@ -253,10 +254,7 @@ fn retention_drops_the_oldest_sealed_segments_and_counts_them() {
             append(&wal, seq).await;
         }
         wal.close().await.unwrap();
-        let dropped = metrics[0]
-            .wal
-            .retention_dropped_records
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let dropped = metrics[0].wal.retention_dropped_records.load(Relaxed);
         let disk = on_disk(&d);
         assert!(
             dropped > 0,
@@ -523,5 +521,63 @@ fn acknowledged_segments_are_written_over_and_their_old_records_never_come_back(
         assert_eq!(on_disk(&d), disk);
         append(&wal, last + 1).await;
         wal.close().await.unwrap();
+    });
+}
+
+/// A sealed segment whose close did not cut it (zeros after its records, as direct
+/// writes leave them) is cut at the next start like a torn tail: the next segment
+/// starts right after its last record, so nothing is lost and nothing is reported as
+/// corruption. A segment whose last records are really gone still is, with the
+/// sequence numbers it lost.
+#[test]
+fn bytes_after_a_sealed_segment_with_nothing_missing_are_cut_not_reported() {
+    with_dir("uncut", |d| async move {
+        let wal = open(&d);
+        for seq in 1..=20 {
+            append(&wal, seq).await;
+        }
+        wal.close().await.unwrap();
+        drop(wal);
+        let ids = list_segments(&d).unwrap();
+        assert!(ids.len() >= 3, "{ids:?}");
+        let path = |first: u64| d.join(format::segment_file_name(first));
+        let before = on_disk(&d);
+
+        // The oldest segment: zeros after its records, none lost.
+        let oldest = path(ids[0]);
+        let len = std::fs::metadata(&oldest).unwrap().len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&oldest)
+            .unwrap();
+        f.set_len(len + 3000).unwrap();
+        drop(f);
+        let metrics = Arc::new(vec![ShardMetrics::default()]);
+        let (wal, rec) =
+            Wal::open(FileStorage::open(&d).unwrap(), 0, config(), metrics.clone()).unwrap();
+        assert!(rec.corruption.is_empty(), "{:?}", rec.corruption);
+        assert_eq!(rec.torn_tail_bytes, 3000);
+        assert_eq!(std::fs::metadata(&oldest).unwrap().len(), len, "cut");
+        assert_eq!(metrics[0].wal.corrupt_records.load(Relaxed), 0);
+        drop(wal);
+        assert!(on_disk(&d) == before, "every record is still there");
+
+        // The second segment loses its last record: that is corruption, named.
+        let second = path(ids[1]);
+        let data = std::fs::read(&second).unwrap();
+        let scan = format::scan(&data).unwrap();
+        let last = scan.records.last().unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&second)
+            .unwrap();
+        f.set_len(last.payload.0 as u64 - 8).unwrap();
+        drop(f);
+        let metrics = Arc::new(vec![ShardMetrics::default()]);
+        let (_wal, rec) =
+            Wal::open(FileStorage::open(&d).unwrap(), 0, config(), metrics.clone()).unwrap();
+        assert_eq!(rec.corruption.len(), 1, "{:?}", rec.corruption);
+        assert_eq!(rec.corruption[0].1.lost_seqs, (last.seq, last.seq));
+        assert_eq!(metrics[0].wal.corrupt_records.load(Relaxed), 1);
     });
 }

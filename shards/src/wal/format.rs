@@ -101,8 +101,11 @@
 //! - none found: everything from there on is a **torn tail** (a write cut short by a
 //!   crash, the old records of a reused (spare) segment file, see
 //!   `wal::storage::SPARES_MAX`, or the padding of the last flushed block in segments
-//!   written with direct I/O, before 61e397f). In the newest segment it is truncated
-//!   away; in an older one it is reported as corruption.
+//!   written with direct I/O: before 61e397f, and since db85e78 until `close` cuts
+//!   them). In the newest segment it is truncated away, and so it is in an older one
+//!   when the next segment starts right after its last record (nothing is missing: a
+//!   close that did not finish); otherwise it is reported as corruption, with the
+//!   sequence numbers lost.
 //! - found: the bytes between are a **corrupt record in the middle**, reported with the
 //!   sequence numbers it lost (never silently skipped), and the scan continues there.
 //!

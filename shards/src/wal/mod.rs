@@ -367,8 +367,12 @@ impl<S: Storage> Wal<S> {
                 corruption,
             } = scan;
             let mut bytes = data.len() as u64;
+            // The next segment starts right after this one's last record: nothing is
+            // missing, so bytes after it are not lost records but what a close that did
+            // not finish left (a spare's old records, the zeros of direct writes).
+            let whole = newest || records.last().map_or(first, |r| r.seq + 1) == ids[i + 1];
             if tail_bytes > 0 {
-                if newest {
+                if whole {
                     storage.truncate(first, valid_end as u64)?;
                     rec.torn_tail_bytes += tail_bytes as u64;
                     bytes = valid_end as u64;
@@ -419,7 +423,8 @@ impl<S: Storage> Wal<S> {
         let lost: u64 = rec
             .corruption
             .iter()
-            .map(|(_, c)| c.lost_seqs.1.saturating_sub(c.lost_seqs.0) + 1)
+            // An empty range (bytes after a sealed segment's last record, none lost) is 0.
+            .map(|(_, c)| (c.lost_seqs.1 + 1).saturating_sub(c.lost_seqs.0))
             .sum();
         m.corrupt_records.fetch_add(lost, Relaxed);
         m.bytes.store(rec.bytes, Relaxed);
@@ -680,10 +685,20 @@ impl<S: Storage> Wal<S> {
             self.state.borrow_mut().writer = Some(writer);
             return;
         }
-        // Seal: close syncs (and cuts a spare's old records off). The records are already
-        // durable, so a failed close only costs the next segment.
+        // Seal: close syncs and cuts the file to its records (a spare's old records, or
+        // the zeros after direct writes). The records are already durable, so a failed
+        // close only costs the next segment; the cut is tried once more, since bytes
+        // after the records of a segment that is not the newest read as corruption at
+        // the next start.
         if let Err(e) = writer.close().await {
             tracing::warn!(shard = self.shard, error = %e, "closing a full WAL segment failed");
+            let (first, bytes) = {
+                let st = self.state.borrow();
+                (st.open_first_seq, st.open_bytes)
+            };
+            if let Err(e) = self.storage.truncate(first, bytes) {
+                tracing::warn!(shard = self.shard, segment = first, error = %e, "could not cut the full WAL segment to its records");
+            }
         }
         {
             let mut st = self.state.borrow_mut();

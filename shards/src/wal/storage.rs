@@ -1,7 +1,8 @@
 //! Where WAL segments live. [`Storage`] is the WAL's whole view of the disk, so the
 //! model-based test can run the real WAL code against a simulated disk that loses
-//! unsynced bytes on a crash; [`FileStorage`] is the real one (files written through the
-//! page cache and fdatasynced, on the shard's blocking thread).
+//! unsynced bytes on a crash; [`FileStorage`] is the real one (files written with
+//! `O_DIRECT`, or through the page cache where the filesystem refuses it, and
+//! fdatasynced, on the shard's blocking thread).
 
 use std::future::Future;
 use std::io;
@@ -240,8 +241,8 @@ impl Storage for FileStorage {
         buf: &mut Vec<u8>,
     ) -> io::Result<()> {
         // The shipper behind the memory tail, a window at a time (on the blocking
-        // thread, through `read_window`), bounded (`replay_window_bytes`); mostly from
-        // the page cache, which the commits write through.
+        // thread, through `read_window`), bounded (`replay_window_bytes`); from the disk
+        // when the commits are direct, else mostly from the page cache.
         use std::os::unix::fs::FileExt;
         let f = std::fs::File::open(self.path(first_seq))?;
         buf.clear();
@@ -355,7 +356,7 @@ impl Storage for FileStorage {
             staged,
             written: 0,
             unsynced: false,
-            reused,
+            cut_at_close: reused || direct,
         })
     }
 }
@@ -418,9 +419,9 @@ impl FileStorage {
 /// tears that write they read the same. The zeros are not a record: recovery cuts
 /// them off the newest segment like a torn tail, and `close` cuts the file to its
 /// records. The shipper's reads behind the memory tail then come from the disk, not
-/// the page cache. On a filesystem that refuses `O_DIRECT` at open, or a first
-/// direct write with `EINVAL`, the writer falls back to the page cache (an alignment
-/// of 1: no zeros, nothing written twice) and says so once in the log.
+/// the page cache. On a filesystem that refuses `O_DIRECT` at open, or a direct write
+/// with `EINVAL`, the writer goes on through the page cache (an alignment of 1: no
+/// zeros, nothing written twice), and the process says so once in the log.
 ///
 /// Why not direct I/O through io_uring, as the WAL first was: a commit then went out
 /// as aligned pieces from the shard's io_uring memory, two in flight, each next one
@@ -451,8 +452,10 @@ pub struct FileSegmentWriter {
     written: usize,
     /// Bytes were written by a flush without fdatasync.
     unsynced: bool,
-    /// The file was a spare: on close it is cut to this segment's bytes.
-    reused: bool,
+    /// On close the file is cut to this segment's bytes: it was a spare (old records
+    /// after them), or it was written direct (zeros after them), even if the writer
+    /// went on through the page cache since.
+    cut_at_close: bool,
 }
 
 /// Offsets, lengths and buffer addresses of direct writes are multiples of this: it
@@ -468,7 +471,8 @@ struct Staged {
     len: usize,
     /// File offset of `mem[start]`.
     at: u64,
-    /// [`DIRECT_ALIGN_BYTES`] for direct writes, 1 through the page cache.
+    /// [`DIRECT_ALIGN_BYTES`] for direct writes, 1 through the page cache (0: the
+    /// placeholder while a flush has the bytes).
     align: usize,
 }
 
@@ -493,6 +497,10 @@ impl Staged {
     }
 
     fn push(&mut self, bytes: &[u8]) {
+        assert!(
+            self.align > 0,
+            "a segment writer whose flush was dropped midway"
+        );
         let need = self.padded(self.len + bytes.len());
         if self.start + need > self.mem.len() {
             // Grown by hand, not by `Vec`, whose reallocation would move the bytes off
@@ -567,12 +575,18 @@ impl SegmentWriter for FileSegmentWriter {
     }
 
     async fn flush(&mut self, fdatasync: bool) -> io::Result<()> {
+        assert!(
+            self.staged.align > 0,
+            "a segment writer whose flush was dropped midway"
+        );
         let fresh = self.staged.len > self.written;
         if !(fresh || fdatasync && self.unsynced) {
             return Ok(());
         }
         let file = self.file.clone();
-        let mut staged = std::mem::replace(&mut self.staged, Staged::new(1));
+        // A writer whose flush was dropped midway keeps this placeholder, which no
+        // later write or flush accepts (its bytes went with the dropped flush).
+        let mut staged = std::mem::replace(&mut self.staged, Staged::new(0));
         let (staged, done) = glommio::executor()
             .spawn_blocking(move || {
                 let mut wrote = if fresh {
@@ -604,8 +618,7 @@ impl SegmentWriter for FileSegmentWriter {
 
     async fn close(mut self) -> io::Result<()> {
         self.flush(true).await?;
-        if self.reused || self.staged.align > 1 {
-            // Cut a spare's old records, or the zeros after the last direct write.
+        if self.cut_at_close {
             let (file, len) = (self.file.clone(), self.staged.at + self.staged.len as u64);
             glommio::executor()
                 .spawn_blocking(move || file.set_len(len).and_then(|()| file.sync_data()))
