@@ -423,7 +423,8 @@ impl<S: Storage> Wal<S> {
         let lost: u64 = rec
             .corruption
             .iter()
-            // An empty range (bytes after a sealed segment's last record, none lost) is 0.
+            // A range is empty only where segments overlap (bytes after a sealed
+            // segment's last record with nothing missing are cut above): it counts 0.
             .map(|(_, c)| (c.lost_seqs.1 + 1).saturating_sub(c.lost_seqs.0))
             .sum();
         m.corrupt_records.fetch_add(lost, Relaxed);
